@@ -1,0 +1,117 @@
+"""quantization-wrapper: one API over the weight-quantization libraries of PyTorch.
+
+Example::
+
+    from backend_manager import BackendManager
+    from quantization_wrapper import get_recommended_config, create_quantization_adapter
+
+    bm = BackendManager()
+    config = get_recommended_config(bm.backend, model_size_b=7.0,
+                                    available_memory_gb=bm.get_memory_info()["available_gb"])
+    adapter = create_quantization_adapter(bm.backend, config)
+    model = adapter.quantize_model(model)
+
+Importing this package imports none of the optional quantization libraries; each adapter imports
+its library when it is first used.
+"""
+
+from backend_manager import Backend, BackendManager
+
+from .adapters import (
+    ADAPTER_REGISTRY,
+    FallbackAdapter,
+    QuantizationAdapter,
+    get_adapter_class,
+    register_adapter,
+    registered_methods,
+)
+from .compatibility import (
+    COMPATIBILITY_MATRIX,
+    FALLBACK_CHAINS,
+    Support,
+    get_support,
+    is_supported,
+    render_compatibility_markdown,
+    supported_methods,
+    usable_methods,
+)
+from .config import (
+    METHOD_SPECS,
+    QuantizationConfig,
+    QuantizationMethod,
+    get_config,
+    list_configs,
+    register_config,
+    unregister_config,
+)
+from .factory import QuantizationFallbackWarning, create_quantization_adapter
+from .filters import (
+    CombinedFilter,
+    ExcludeModuleByName,
+    ExcludeSubmodules,
+    FunctionFilter,
+    IncludeModuleByName,
+    QuantizeModuleFilter,
+)
+from .patterns import best_match, matches
+from .recommend import MemoryWarning, bits_per_weight, estimate_footprint_gb, get_recommended_config
+from .surgery import (
+    LayerPlan,
+    QuantizationError,
+    QuantizationPlan,
+    get_quantization_plan,
+    replace_linear_with_quantized,
+)
+from .training import prepare_model_for_training
+from .validation import Severity, ValidationIssue, validate_quantization_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendManager",
+    "QuantizationMethod",
+    "QuantizationConfig",
+    "METHOD_SPECS",
+    "get_config",
+    "list_configs",
+    "register_config",
+    "unregister_config",
+    "QuantizationAdapter",
+    "FallbackAdapter",
+    "ADAPTER_REGISTRY",
+    "register_adapter",
+    "get_adapter_class",
+    "registered_methods",
+    "create_quantization_adapter",
+    "QuantizationFallbackWarning",
+    "validate_quantization_config",
+    "ValidationIssue",
+    "Severity",
+    "COMPATIBILITY_MATRIX",
+    "FALLBACK_CHAINS",
+    "Support",
+    "get_support",
+    "is_supported",
+    "supported_methods",
+    "usable_methods",
+    "render_compatibility_markdown",
+    "get_recommended_config",
+    "estimate_footprint_gb",
+    "bits_per_weight",
+    "MemoryWarning",
+    "replace_linear_with_quantized",
+    "QuantizationPlan",
+    "LayerPlan",
+    "QuantizationError",
+    "get_quantization_plan",
+    "QuantizeModuleFilter",
+    "ExcludeModuleByName",
+    "ExcludeSubmodules",
+    "IncludeModuleByName",
+    "FunctionFilter",
+    "CombinedFilter",
+    "matches",
+    "best_match",
+    "prepare_model_for_training",
+]

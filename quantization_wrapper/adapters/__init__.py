@@ -1,0 +1,24 @@
+"""Backend adapters. Each module registers its adapter class on import; optional libraries are
+imported only when an adapter is used."""
+
+from .base import (
+    ADAPTER_REGISTRY,
+    QuantizationAdapter,
+    get_adapter_class,
+    is_quantized_module,
+    register_adapter,
+    registered_methods,
+    tensor_nbytes,
+)
+from .fallback import FallbackAdapter
+
+__all__ = [
+    "ADAPTER_REGISTRY",
+    "QuantizationAdapter",
+    "FallbackAdapter",
+    "get_adapter_class",
+    "is_quantized_module",
+    "register_adapter",
+    "registered_methods",
+    "tensor_nbytes",
+]

@@ -1,0 +1,307 @@
+"""The adapter contract and the registry that maps methods to adapters.
+
+An adapter turns ``nn.Linear`` layers into one library's quantized layers and back. Adapters
+register themselves with :func:`register_adapter`, keyed by the methods they serve; everything
+else (the factory, the model walker, save/load, training glue) looks them up there, so adding a
+backend is one new file and one decorator.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from backend_manager import Backend, detect_backend, get_library_status
+
+from ..config import METHOD_SPECS, QuantizationConfig, QuantizationMethod
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..validation import ValidationIssue
+
+__all__ = [
+    "QuantizationAdapter",
+    "ADAPTER_REGISTRY",
+    "register_adapter",
+    "get_adapter_class",
+    "registered_methods",
+    "tensor_nbytes",
+    "is_quantized_module",
+]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_REGISTRY: dict[QuantizationMethod, type["QuantizationAdapter"]] = {}
+
+
+def register_adapter(*methods: QuantizationMethod | str) -> Callable[[type], type]:
+    """Class decorator: make ``cls`` the adapter for ``methods``.
+
+    Example::
+
+        @register_adapter(QuantizationMethod.HQQ)
+        class HQQAdapter(QuantizationAdapter): ...
+    """
+    parsed = tuple(QuantizationMethod.parse(m) for m in methods)
+    if not parsed:
+        raise ValueError("register_adapter needs at least one QuantizationMethod")
+
+    def decorator(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, QuantizationAdapter)):
+            raise TypeError(f"register_adapter: {cls!r} is not a QuantizationAdapter subclass")
+        cls.methods = parsed
+        for method in parsed:
+            ADAPTER_REGISTRY[method] = cls
+        return cls
+
+    return decorator
+
+
+def get_adapter_class(method: QuantizationMethod | str) -> type["QuantizationAdapter"]:
+    """The adapter class registered for ``method``.
+
+    Raises:
+        ValueError: when no adapter serves the method (the registered methods are listed).
+    """
+    method = QuantizationMethod.parse(method)
+    try:
+        return ADAPTER_REGISTRY[method]
+    except KeyError:
+        known = ", ".join(m.value for m in ADAPTER_REGISTRY) or "none"
+        raise ValueError(f"no adapter is registered for method={method.value!r}; registered: {known}") from None
+
+
+def registered_methods() -> list[QuantizationMethod]:
+    """Methods that have an adapter, in enum order."""
+    return [m for m in QuantizationMethod if m in ADAPTER_REGISTRY]
+
+
+def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes held by ``tensors``, each underlying storage counted once (shared views too)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        if t.device.type == "meta":
+            total += t.numel() * t.element_size()
+            continue
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """True when some registered adapter recognizes ``module`` as one of its quantized layers.
+
+    Only adapters whose library is already imported are asked: a module of a library's type cannot
+    exist before the library is imported, and asking must not import anything.
+    """
+    for cls in set(ADAPTER_REGISTRY.values()):
+        if cls.library_module and cls.library_module not in sys.modules:
+            continue
+        if cls.quantized_module_types() and isinstance(module, cls.quantized_module_types()):
+            return True
+    return False
+
+
+class QuantizationAdapter(ABC):
+    """Base class of the backend adapters.
+
+    Subclasses set ``library`` (the name ``backend_manager`` knows it by), ``library_module`` (the
+    top-level import name, to check ``sys.modules`` cheaply), and implement the three layer-level
+    operations: :meth:`quantize_linear`, :meth:`create_quantized_linear`, :meth:`dequantize_module`.
+    Model-level operations (:meth:`quantize_model`, training preparation, save/load) are shared.
+
+    Args:
+        config: the quantization config; ``None`` uses the default config of the adapter's first
+            method.
+        backend: a :class:`~backend_manager.Backend` or its string; ``None`` detects it.
+        device: where quantized layers are built; ``None`` keeps each layer's device.
+    """
+
+    methods: ClassVar[tuple[QuantizationMethod, ...]] = ()
+    library: ClassVar[str | None] = None
+    library_module: ClassVar[str | None] = None
+
+    def __init__(self, config: QuantizationConfig | None = None, backend: Backend | str | None = None,
+                 *, device: torch.device | str | None = None):
+        if not self.methods:
+            raise TypeError(f"{type(self).__name__} is not registered; decorate it with @register_adapter")
+        self.config = config if config is not None else QuantizationConfig(method=self.methods[0])
+        if not isinstance(self.config, QuantizationConfig):
+            raise ValueError(f"config must be a QuantizationConfig, got {type(self.config).__name__}")
+        if self.config.method not in self.methods:
+            raise ValueError(
+                f"{type(self).__name__} serves {', '.join(m.value for m in self.methods)}; "
+                f"config.method={self.config.method.value!r} needs "
+                f"{ADAPTER_REGISTRY[self.config.method].__name__ if self.config.method in ADAPTER_REGISTRY else 'another adapter'}"
+            )
+        self.backend = Backend.parse(backend) if backend is not None else detect_backend()
+        self.device = torch.device(device) if device is not None else None
+        self._siblings: dict[QuantizationMethod, QuantizationAdapter] = {}
+
+    # ------------------------------------------------------------------ environment
+    @classmethod
+    def validate_environment(cls, backend: Backend | str | None = None) -> None:
+        """Raise ``ImportError`` with the install command when the library cannot run here."""
+        if cls.library is None:
+            return
+        status = get_library_status(cls.library, backend)
+        if not status.usable:
+            raise ImportError(
+                f"{cls.__name__} needs {cls.library}, which is not usable on "
+                f"{Backend.parse(backend or detect_backend()).value}: {status.reason}. "
+                f"Fix: {status.install_hint}"
+            )
+
+    @classmethod
+    def check_config(cls, config: QuantizationConfig, backend: Backend) -> list["ValidationIssue"]:
+        """Adapter-specific validation (options the library ignores or cannot honour)."""
+        return []
+
+    @classmethod
+    def quantized_module_types(cls) -> tuple[type, ...]:
+        """The module classes this adapter produces (may import the library)."""
+        return ()
+
+    # ------------------------------------------------------------------ layer level
+    @abstractmethod
+    def quantize_linear(self, linear: nn.Linear, name: str | None = None, *,
+                        config: QuantizationConfig | None = None) -> nn.Module:
+        """Quantize an ``nn.Linear`` that holds real weights; returns the new module.
+
+        Args:
+            linear: the layer; it is not modified.
+            name: its dotted name, used to look up ``layer_configs`` when ``config`` is ``None``.
+            config: the per-layer config to use (the walker passes the resolved one).
+        """
+
+    @abstractmethod
+    def create_quantized_linear(self, in_features: int, out_features: int, bias: bool = True, *,
+                                config: QuantizationConfig | None = None,
+                                device: torch.device | str | None = None,
+                                dtype: torch.dtype | None = None) -> nn.Module:
+        """An empty quantized layer of the given shape, to be filled from a checkpoint.
+
+        ``device="meta"`` allocates nothing.
+        """
+
+    @abstractmethod
+    def dequantize_module(self, module: nn.Module) -> nn.Linear:
+        """An ``nn.Linear`` whose weight equals what ``module`` computes with."""
+
+    def is_quantized_module(self, module: nn.Module) -> bool:
+        """True when ``module`` is one of this adapter's quantized layers."""
+        types = self.quantized_module_types()
+        return bool(types) and isinstance(module, types)
+
+    def module_nbytes(self, module: nn.Module) -> int:
+        """Bytes of every tensor the module holds (parameters, buffers, library-side state)."""
+        return tensor_nbytes(list(module.parameters()) + list(module.buffers()))
+
+    def layer_config(self, name: str | None, config: QuantizationConfig | None = None) -> QuantizationConfig:
+        """The config to use for layer ``name``: ``config`` if given, else the resolved override."""
+        if config is not None:
+            return config
+        return self.config.for_layer(name) if name else self.config
+
+    def fit_group_size(self, in_features: int, out_features: int,
+                       config: QuantizationConfig) -> tuple[QuantizationConfig | None, str | None]:
+        """Fit the group size to a layer's shape.
+
+        Returns ``(config, None)`` when it fits, ``(adjusted_config, reason)`` when a smaller valid
+        group size is used, and ``(None, reason)`` when the layer must stay unquantized. The default
+        rule: groups run along ``in_features``, which the group size must divide.
+        """
+        group = config.group_size
+        if group is None or in_features % group == 0:
+            return config, None
+        spec = METHOD_SPECS[config.method]
+        smaller = sorted((g for g in (spec.group_sizes or _halvings(group)) if g < group), reverse=True)
+        for candidate in smaller:
+            if in_features % candidate == 0:
+                try:
+                    adjusted = config.replace(group_size=candidate)
+                except ValueError:
+                    continue
+                return adjusted, (f"group_size={group} does not divide in_features={in_features}; "
+                                  f"using group_size={candidate}")
+        return None, (f"no group size allowed for {config.method.value} (<= {group}) divides "
+                      f"in_features={in_features}; layer kept in full precision")
+
+    # ------------------------------------------------------------------ model level
+    def for_method(self, method: QuantizationMethod | str) -> "QuantizationAdapter":
+        """The adapter that serves ``method`` (this one, or a sibling sharing backend and device),
+        used when ``layer_configs`` switches a layer to another method."""
+        method = QuantizationMethod.parse(method)
+        if method in self.methods:
+            return self
+        if method not in self._siblings:
+            cls = get_adapter_class(method)
+            self._siblings[method] = cls(self.config.for_layer("").replace(method=method, bits=None,
+                                                                            group_size=None,
+                                                                            quant_type=None,
+                                                                            double_quant=None),
+                                         self.backend, device=self.device)
+        return self._siblings[method]
+
+    def quantize_model(self, model: nn.Module, *, module_filter: Any = None, **kwargs: Any) -> nn.Module:
+        """Replace the model's linear layers by quantized ones (in place; returns the model).
+
+        Args:
+            model: any ``nn.Module``; layers on the meta device become empty quantized layers.
+            module_filter: a :class:`~quantization_wrapper.filters.QuantizeModuleFilter` or a
+                callable ``(module, name) -> bool``.
+            **kwargs: passed to :func:`~quantization_wrapper.surgery.replace_linear_with_quantized`
+                (``skip_modules``, ``progress``).
+        """
+        from ..surgery import replace_linear_with_quantized
+
+        return replace_linear_with_quantized(model, self, module_filter=module_filter, **kwargs)
+
+    def mark_model(self, model: nn.Module) -> None:
+        """Set the attributes peft and transformers read on a quantized model."""
+        model.is_quantized = True
+        model.quantization_method = self.config.method.value
+
+    def prepare_model_for_training(self, model: nn.Module, *, gradient_checkpointing: bool = True,
+                                   use_reentrant: bool = False) -> nn.Module:
+        """Freeze the base model and make it ready for LoRA (see :mod:`quantization_wrapper.training`)."""
+        from ..training import prepare_model_for_training
+
+        return prepare_model_for_training(model, self, gradient_checkpointing=gradient_checkpointing,
+                                          use_reentrant=use_reentrant)
+
+    def save_quantized_model(self, model: nn.Module, path: str, **kwargs: Any) -> None:
+        """Save a quantized model (see :func:`quantization_wrapper.serialization.save_quantized_model`)."""
+        from ..serialization import save_quantized_model
+
+        save_quantized_model(model, path, **kwargs)
+
+    def load_quantized_model(self, path: str, model_config: Any = None, **kwargs: Any) -> nn.Module:
+        """Load a checkpoint saved by :meth:`save_quantized_model`, checking it was saved with a
+        method this adapter serves."""
+        from ..serialization import load_quantized_model
+
+        return load_quantized_model(path, model_config, expected_methods=self.methods,
+                                    backend=self.backend, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(method={self.config.method.value!r}, bits={self.config.bits}, "
+                f"group_size={self.config.group_size}, backend={self.backend.value!r})")
+
+
+def _halvings(group: int) -> list[int]:
+    out, g = [], group // 2
+    while g >= 8:
+        out.append(g)
+        g //= 2
+    return out

@@ -1,0 +1,202 @@
+"""Memory model and method recommendation.
+
+:func:`bits_per_weight` gives the stored bits per quantized weight of a config, metadata included
+(scales, zeros, second-level statistics). :func:`estimate_footprint_gb` turns that into the memory
+a run needs: weights (quantized linear layers plus the float parameters that stay unquantized), and
+for training the LoRA weights with their AdamW state, checkpointed activations and the runtime's
+own overhead. :func:`get_recommended_config` picks, per backend, the highest-precision method whose
+footprint fits the memory available.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from backend_manager import Backend, BackendManager, detect_backend
+
+from .config import QuantizationConfig, QuantizationMethod
+
+__all__ = [
+    "bits_per_weight",
+    "estimate_footprint_gb",
+    "get_recommended_config",
+    "recommendation_candidates",
+    "MemoryWarning",
+]
+
+logger = logging.getLogger(__name__)
+M = QuantizationMethod
+
+# Share of an LLM's parameters in linear layers that get quantized (Llama-2-7B: 96%; embeddings
+# and the skipped lm_head make up the rest and stay 16-bit).
+LINEAR_FRACTION = 0.96
+# Typical in_features for per-row scales (INT8 methods) when only the parameter count is known.
+TYPICAL_IN_FEATURES = 4096
+RUNTIME_OVERHEAD_GB = 1.0  # CUDA context / Metal / allocator pools
+ACTIVATION_GB_PER_B = 0.15  # checkpointed activations, batch 1 x 2048 tokens, per billion params
+LORA_FRACTION = 0.006  # r=16 on all linear layers of a Llama-like model
+FRAGMENTATION = 1.05
+
+
+class MemoryWarning(UserWarning):
+    """The recommended config is estimated not to fit the memory given."""
+
+
+def bits_per_weight(config: QuantizationConfig, in_features: int = TYPICAL_IN_FEATURES) -> float:
+    """Stored bits per quantized weight for ``config``, every stored byte counted.
+
+    Examples: NF4 with double quantization at block 64 -> 4.127; HQQ 4-bit at group 64 with fp16
+    scale and zero -> 4.5; MLX 4-bit at group 64 (fp16 scale and bias) -> 4.5.
+    """
+    method, bits, group = config.method, config.bits, config.group_size
+    if method in (M.BNB_NF4, M.BNB_FP4):
+        if config.double_quant:
+            # uint8 absmax per block, then an fp32 absmax and fp32 offset per 256 blocks
+            return bits + 8 / group + 32 / (group * 256)
+        return bits + 32 / group
+    if method is M.BNB_INT8:
+        return 8 + 32 / in_features  # fp32 row scale (SCB)
+    if method is M.HQQ:
+        packed = {3: 32 / 10}.get(bits, bits)  # hqq packs 3-bit as 10 values per int32
+        return packed + (32 / group if group else 32 / in_features)  # fp16 scale + fp16 zero
+    if method in (M.MLX_INT4, M.MLX_INT8):
+        return bits + 32 / group  # fp16 scale + fp16 bias per group
+    if method in (M.QUANTO_INT2, M.QUANTO_INT4):
+        return bits + 32 / 128  # scale + shift per group of 128
+    if method in (M.QUANTO_INT8, M.QUANTO_FP8):
+        return 8 + 16 / in_features  # one scale per output row
+    dtype = config.compute_dtype or torch.float16
+    return float(torch.finfo(dtype).bits)
+
+
+def estimate_footprint_gb(config: QuantizationConfig, model_size_b: float, *, training: bool = True,
+                          lora_fraction: float = LORA_FRACTION) -> float:
+    """Memory (GiB) to run a ``model_size_b``-billion-parameter model quantized with ``config``.
+
+    Args:
+        config: the quantization config.
+        model_size_b: parameters, in billions.
+        training: include LoRA weights + AdamW state (16 bytes per LoRA parameter) and
+            checkpointed activations; otherwise inference (weights + a KV/activation allowance).
+        lora_fraction: LoRA parameters as a share of the model's.
+    """
+    if model_size_b <= 0:
+        raise ValueError(f"model_size_b={model_size_b} must be positive (billions of parameters)")
+    params = model_size_b * 1e9
+    float_bytes = 2 if (config.compute_dtype or torch.float16).itemsize <= 2 else 4
+    linear = params * LINEAR_FRACTION * bits_per_weight(config) / 8
+    rest = params * (1 - LINEAR_FRACTION) * float_bytes
+    weights = (linear + rest) * FRAGMENTATION / 2**30
+    extra = RUNTIME_OVERHEAD_GB + ACTIVATION_GB_PER_B * model_size_b
+    if training:
+        extra += params * lora_fraction * 16 / 2**30
+    return weights + extra
+
+
+def recommendation_candidates(backend: Backend | str, *, training: bool = True) -> list[QuantizationConfig]:
+    """The configs :func:`get_recommended_config` chooses from, most precise first.
+
+    Training leaves out 8-bit bitsandbytes/MLX: QLoRA at 4 bits matches 16-bit fine-tuning quality
+    at half the memory, and LLM.int8() backward is slow.
+    """
+    backend = Backend.parse(backend)
+    if backend is Backend.CUDA:
+        dtype = torch.bfloat16
+        cands = [dict(method=M.NONE), dict(method=M.BNB_INT8, inference_only=True),
+                 dict(method=M.BNB_NF4, double_quant=True), dict(method=M.HQQ, bits=3, group_size=64),
+                 dict(method=M.HQQ, bits=2, group_size=16)]
+    elif backend in (Backend.MPS, Backend.MLX):
+        dtype = torch.float16
+        cands = [dict(method=M.NONE), dict(method=M.MLX_INT8, group_size=64, inference_only=True),
+                 dict(method=M.MLX_INT4, bits=4, group_size=64), dict(method=M.MLX_INT4, bits=3, group_size=64),
+                 dict(method=M.MLX_INT4, bits=2, group_size=32)]
+    else:
+        dtype = torch.bfloat16
+        cands = [dict(method=M.NONE, compute_dtype=torch.float32), dict(method=M.NONE),
+                 dict(method=M.HQQ, bits=8, group_size=128, inference_only=True),
+                 dict(method=M.HQQ, bits=4, group_size=64), dict(method=M.HQQ, bits=3, group_size=64),
+                 dict(method=M.HQQ, bits=2, group_size=16)]
+    out = []
+    for c in cands:
+        if c.pop("inference_only", False) and training:
+            continue
+        c.setdefault("compute_dtype", dtype)
+        out.append(QuantizationConfig(**c))
+    return out
+
+
+_OPTIONS = {"training", "check_libraries", "lora_fraction"}
+_CONFIG_FIELDS = set(QuantizationConfig.__dataclass_fields__) - {"method", "bits", "group_size"}
+
+
+def get_recommended_config(backend: Backend | str | None = None, model_size_b: float | None = None,
+                           available_memory_gb: float | None = None, **kwargs: Any) -> QuantizationConfig:
+    """The most precise config whose estimated footprint fits ``available_memory_gb``.
+
+    Args:
+        backend: a :class:`~backend_manager.Backend` or its string; ``None`` detects it.
+        model_size_b: parameters in billions. ``None`` returns the backend's default 4-bit config
+            (NF4 on CUDA, MLX 4-bit on Apple, HQQ 4-bit on CPU).
+        available_memory_gb: memory for the run; ``None`` reads it from this machine (only when
+            ``backend`` is the detected one).
+        **kwargs: ``training`` (default ``True``), ``check_libraries`` (default: ``True`` when
+            ``backend`` is this machine's; then a method whose library is not usable here is
+            replaced along its fallback chain), ``lora_fraction``,
+            and any :class:`QuantizationConfig` field except method/bits/group_size
+            (e.g. ``skip_modules``, ``compute_dtype``), applied to the result.
+
+    Returns:
+        A :class:`QuantizationConfig`, always valid for ``backend``. When even the smallest
+        candidate does not fit, that candidate is returned with a :class:`MemoryWarning`.
+    """
+    unknown = sorted(set(kwargs) - _OPTIONS - _CONFIG_FIELDS)
+    if unknown:
+        raise ValueError(f"get_recommended_config got unknown arguments {unknown}; allowed: "
+                         f"{', '.join(sorted(_OPTIONS | _CONFIG_FIELDS))}")
+    training = kwargs.pop("training", True)
+    lora_fraction = kwargs.pop("lora_fraction", LORA_FRACTION)
+    backend = detect_backend() if backend is None else Backend.parse(backend)
+    # Libraries can only be checked for the machine we run on.
+    check_libraries = kwargs.pop("check_libraries", backend is detect_backend())
+    candidates = recommendation_candidates(backend, training=training)
+    if model_size_b is None:
+        chosen = next(c for c in candidates if c.method is not M.NONE and c.bits == 4)
+        return _finish(chosen, backend, kwargs, check_libraries)
+    if not isinstance(model_size_b, (int, float)) or model_size_b <= 0:
+        raise ValueError(f"model_size_b={model_size_b!r} must be a positive number of billions of parameters")
+    if available_memory_gb is None:
+        if backend is not detect_backend():
+            raise ValueError(f"available_memory_gb is required when recommending for {backend.value} "
+                             f"on a machine whose backend is {detect_backend().value}")
+        available_memory_gb = BackendManager(backend).get_memory_info()["available_gb"]
+    if not isinstance(available_memory_gb, (int, float)) or available_memory_gb <= 0:
+        raise ValueError(f"available_memory_gb={available_memory_gb!r} must be a positive number of GB")
+
+    for candidate in candidates:
+        need = estimate_footprint_gb(candidate, model_size_b, training=training, lora_fraction=lora_fraction)
+        if need <= available_memory_gb:
+            logger.info("recommend %s %s-bit for %.1fB params: needs %.1f GB of %.1f GB",
+                        candidate.method.value, candidate.bits, model_size_b, need, available_memory_gb)
+            return _finish(candidate, backend, kwargs, check_libraries)
+    smallest = candidates[-1]
+    need = estimate_footprint_gb(smallest, model_size_b, training=training, lora_fraction=lora_fraction)
+    warnings.warn(f"a {model_size_b:g}B-parameter model is estimated to need {need:.1f} GB even at "
+                  f"{smallest.method.value} {smallest.bits}-bit, more than the {available_memory_gb:.1f} GB "
+                  f"available; it will likely not fit (use a smaller model, more memory, or offloading)",
+                  MemoryWarning, stacklevel=2)
+    return _finish(smallest, backend, kwargs, check_libraries)
+
+
+def _finish(config: QuantizationConfig, backend: Backend, overrides: dict[str, Any],
+            check_libraries: bool) -> QuantizationConfig:
+    if overrides:
+        config = config.replace(**overrides)
+    if check_libraries:
+        from .factory import resolve_fallback
+
+        config, _ = resolve_fallback(config, backend)
+    return config

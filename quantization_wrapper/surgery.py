@@ -1,0 +1,319 @@
+"""Model surgery: the one model walker every adapter uses, and the per-layer plan it records.
+
+:func:`replace_linear_with_quantized` decides layer by layer (skip list, module filter,
+``layer_configs``, shape vs. group size), converts every chosen layer, and installs the new modules
+with ``set_submodule`` -- all or nothing: if one layer fails, every layer already replaced is put
+back and the error names the layer. The plan it followed is stored on the model
+(``model.quantization_plan``) and prints as a table.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters.base import QuantizationAdapter, is_quantized_module, tensor_nbytes
+from .config import QuantizationConfig, QuantizationMethod
+from .filters import as_module_filter
+from .patterns import best_match, validate_pattern
+
+__all__ = [
+    "LayerPlan",
+    "QuantizationPlan",
+    "QuantizationError",
+    "replace_linear_with_quantized",
+    "get_quantization_plan",
+    "iter_linear_layers",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class QuantizationError(RuntimeError):
+    """A layer could not be converted; the model was restored to its state before the call."""
+
+
+@dataclass
+class LayerPlan:
+    """What happened to one linear layer.
+
+    Attributes:
+        name: dotted module name.
+        in_features, out_features: the layer's shape.
+        bias: whether it has a bias (always kept).
+        method: the method used (``"none"`` when kept in full precision).
+        bits, group_size: effective settings (after fitting the group size to the shape).
+        bytes_before, bytes_after: bytes of every tensor the layer held before and holds after.
+        status: ``"quantized"``, ``"float"`` (converted by the no-quantization fallback) or
+            ``"skipped"``.
+        reason: why it was skipped, or why its settings differ from the config.
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    method: str
+    bits: int | None
+    group_size: int | None
+    bytes_before: int
+    bytes_after: int
+    status: str
+    reason: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight of this layer, every tensor counted (bias included)."""
+        return 8 * self.bytes_after / self.numel
+
+
+@dataclass
+class QuantizationPlan:
+    """The per-layer plan of a quantized model; ``str(plan)`` is a readable table."""
+
+    method: str
+    layers: list[LayerPlan] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.status == "quantized"]
+
+    @property
+    def converted(self) -> list[LayerPlan]:
+        """Layers the adapter replaced (quantized, or kept in float by the fallback adapter)."""
+        return [layer for layer in self.layers if layer.status != "skipped"]
+
+    @property
+    def skipped(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.status == "skipped"]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average stored bits per weight over the quantized layers (metadata included)."""
+        q = self.quantized
+        n = sum(layer.numel for layer in q)
+        return 8 * sum(layer.bytes_after for layer in q) / n if n else float("nan")
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r} in the plan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "config": self.config, "layers": [asdict(l) for l in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantizationPlan":
+        return cls(method=data["method"], config=dict(data.get("config", {})),
+                   layers=[LayerPlan(**layer) for layer in data["layers"]])
+
+    def table(self, max_rows: int | None = None) -> str:
+        """The plan as an aligned text table, with a total line."""
+        header = ("layer", "shape", "method", "bits", "group", "before", "after", "bits/w", "note")
+        rows = []
+        shown = self.layers if max_rows is None else self.layers[:max_rows]
+        for l in shown:
+            rows.append((l.name, f"{l.out_features}x{l.in_features}", l.method,
+                         str(l.bits) if l.status != "skipped" else "-",
+                         str(l.group_size) if l.group_size else "-",
+                         _fmt_bytes(l.bytes_before), _fmt_bytes(l.bytes_after),
+                         f"{l.bits_per_weight:.2f}", l.reason or ""))
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*header).rstrip(), "  ".join("-" * w for w in widths)]
+        lines += [fmt.format(*r).rstrip() for r in rows]
+        if max_rows is not None and len(self.layers) > max_rows:
+            lines.append(f"... {len(self.layers) - max_rows} more layers")
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} skipped; linear layers "
+                     f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
+                     f"({ratio:.2f}x smaller, {self.bits_per_weight:.3f} bits/weight quantized)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def get_quantization_plan(model: nn.Module) -> QuantizationPlan | None:
+    """The plan recorded on ``model`` by the last quantization (``None`` if never quantized)."""
+    return getattr(model, "quantization_plan", None)
+
+
+def iter_linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """``(name, module)`` for every plain ``nn.Linear`` that is not already quantized."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not is_quantized_module(module):
+            yield name, module
+
+
+def _layer_bytes(linear: nn.Linear) -> int:
+    return tensor_nbytes([linear.weight, linear.bias])
+
+
+def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter,
+                                  skip_modules: list[str] | None = None, module_filter: Any = None, *,
+                                  progress: bool = False) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` by ``adapter``'s quantized layers, in place.
+
+    A linear layer is left in full precision when its name matches ``skip_modules`` (default:
+    ``adapter.config.skip_modules``; matching rules in :mod:`quantization_wrapper.patterns`), when
+    ``module_filter`` returns ``False`` for it, when its ``layer_configs`` override sets
+    ``method="none"``, or when no valid group size divides its ``in_features`` (a smaller valid
+    group is used when one exists). Each decision and its reason lands in the plan.
+
+    Args:
+        model: the model; layers on the meta device become empty quantized layers (nothing is
+            allocated), ready to be filled from a checkpoint.
+        adapter: the adapter that quantizes (``layer_configs`` may route layers to other methods).
+        skip_modules: patterns of modules to keep, replacing the config's list.
+        module_filter: a :class:`~quantization_wrapper.filters.QuantizeModuleFilter` or callable
+            ``(module, name) -> bool``; it sees every module, and ``validate()`` runs afterwards.
+        progress: show a tqdm progress bar over the layers.
+
+    Returns:
+        The same ``model`` with ``model.quantization_plan`` set.
+
+    Raises:
+        QuantizationError: a layer failed; the model is left exactly as it was.
+        ValueError: bad arguments, or a module filter whose names matched nothing.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise ValueError("model is a single nn.Linear; use adapter.quantize_linear(layer) for one layer")
+    config: QuantizationConfig = adapter.config
+    skip = list(config.skip_modules if skip_modules is None else skip_modules)
+    for pattern in skip:
+        validate_pattern(pattern, "skip_modules")
+    module_filter = as_module_filter(module_filter)
+    if module_filter is not None:
+        module_filter.reset()
+
+    decisions: list[tuple[str, nn.Linear, QuantizationConfig | None, str | None]] = []
+    skip_hits: set[str] = set()
+    override_hits: set[str] = set()
+    for name, module in model.named_modules():
+        wanted = module_filter(module, name) if module_filter is not None else True
+        if not isinstance(module, nn.Linear) or is_quantized_module(module):
+            continue
+        pattern = best_match(name, skip)
+        if pattern is not None:
+            skip_hits.add(pattern)
+            decisions.append((name, module, None, f"skip_modules: {pattern!r}"))
+            continue
+        if not wanted:
+            decisions.append((name, module, None, "excluded by module_filter"))
+            continue
+        override = best_match(name, config.layer_configs)
+        if override is not None:
+            override_hits.add(override)
+        layer_cfg = config.for_layer(name)
+        if layer_cfg.method is QuantizationMethod.NONE and config.method is not QuantizationMethod.NONE:
+            decisions.append((name, module, None, f"layer_configs[{override!r}] sets method 'none'"))
+            continue
+        target = adapter.for_method(layer_cfg.method)
+        fitted, reason = target.fit_group_size(module.in_features, module.out_features, layer_cfg)
+        if fitted is None:
+            logger.info("%s: %s", name, reason)
+        decisions.append((name, module, fitted, reason))
+
+    if module_filter is not None:
+        module_filter.validate()
+    _warn_unmatched(skip, skip_hits, config, override_hits)
+
+    plan = QuantizationPlan(method=config.method.value, config=config.to_dict())
+    replaced: list[tuple[str, nn.Module]] = []
+    todo = [d for d in decisions if d[2] is not None]
+    bar = tqdm(todo, desc=f"quantizing ({config.method.value})", unit="layer", disable=not progress)
+    try:
+        for name, linear, layer_cfg, reason in bar:
+            target = adapter.for_method(layer_cfg.method)
+            try:
+                if linear.weight.device.type == "meta":
+                    new = target.create_quantized_linear(linear.in_features, linear.out_features,
+                                                         linear.bias is not None, config=layer_cfg,
+                                                         device="meta", dtype=linear.weight.dtype)
+                else:
+                    new = target.quantize_linear(linear, name, config=layer_cfg)
+            except Exception as e:
+                raise QuantizationError(
+                    f"quantizing {name} ({linear.out_features}x{linear.in_features}) with "
+                    f"{layer_cfg.method.value} {layer_cfg.bits}-bit failed: {type(e).__name__}: {e}. "
+                    f"The model was left unchanged."
+                ) from e
+            model.set_submodule(name, new)
+            replaced.append((name, linear))
+    except BaseException:
+        for name, original in reversed(replaced):
+            model.set_submodule(name, original)
+        raise
+    finally:
+        bar.close()
+
+    new_modules = dict(model.named_modules())
+    for name, linear, layer_cfg, reason in decisions:
+        before = _layer_bytes(linear)
+        if layer_cfg is None:
+            plan.layers.append(LayerPlan(name, linear.in_features, linear.out_features, linear.bias is not None,
+                                         "none", None, None, before, before, "skipped", reason))
+            continue
+        target = adapter.for_method(layer_cfg.method)
+        new = new_modules[name]
+        bits, status = layer_cfg.bits, "quantized"
+        if layer_cfg.method is QuantizationMethod.NONE:  # fallback: report the float width it kept
+            bits, status = new.weight.element_size() * 8, "float"
+        plan.layers.append(LayerPlan(name, linear.in_features, linear.out_features, linear.bias is not None,
+                                     layer_cfg.method.value, bits, layer_cfg.group_size, before,
+                                     target.module_nbytes(new), status, reason))
+
+    if not plan.converted:
+        warnings.warn(f"{type(adapter).__name__}: no linear layer was quantized "
+                      f"({len(decisions)} found, all skipped); the model is unchanged", stacklevel=2)
+    previous = get_quantization_plan(model)
+    if previous is not None:  # a second pass over a partly quantized model: keep both records
+        known = {l.name for l in plan.layers}
+        plan.layers = [l for l in previous.layers if l.name not in known] + plan.layers
+    model.quantization_plan = plan
+    model.quantization_config = config
+    adapter.mark_model(model)
+    return model
+
+
+def _warn_unmatched(skip: list[str], skip_hits: set[str], config: QuantizationConfig,
+                    override_hits: set[str]) -> None:
+    default_skip = QuantizationConfig.__dataclass_fields__["skip_modules"].default_factory()
+    unmatched_skip = [p for p in skip if p not in skip_hits and p not in default_skip]
+    if unmatched_skip:
+        warnings.warn(f"skip_modules {unmatched_skip} matched no linear layer; check the names "
+                      f"against model.named_modules()", stacklevel=3)
+    unmatched_overrides = [p for p in config.layer_configs if p not in override_hits]
+    if unmatched_overrides:
+        warnings.warn(f"layer_configs {unmatched_overrides} matched no linear layer; check the names "
+                      f"against model.named_modules()", stacklevel=3)

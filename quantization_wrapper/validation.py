@@ -1,0 +1,164 @@
+"""Check a config against a backend before anything is quantized.
+
+:func:`validate_quantization_config` returns a list of :class:`ValidationIssue` -- empty when the
+config is fine. Each issue prints as one readable sentence with the fix, and carries a severity:
+``error`` (it cannot run as asked) or ``warning`` (it runs, but an option is ignored or risky).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from backend_manager import Backend, get_library_status
+
+from .compatibility import FALLBACK_CHAINS, get_support, method_library
+from .config import QuantizationConfig, QuantizationMethod, dtype_to_str
+
+__all__ = ["Severity", "ValidationIssue", "validate_quantization_config", "errors_only"]
+
+M = QuantizationMethod
+_BNB_4BIT = (M.BNB_NF4, M.BNB_FP4)
+
+
+class Severity(str, Enum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True)
+class ValidationIssue:
+    """One problem found in a config.
+
+    Attributes:
+        severity: :class:`Severity` (``error`` or ``warning``).
+        field: the config field concerned (``"method"``, ``"compute_dtype"``, ...).
+        message: what is wrong, as a sentence.
+        suggestion: how to fix it.
+    """
+
+    severity: Severity
+    field: str
+    message: str
+    suggestion: str
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity is Severity.ERROR
+
+    def __str__(self) -> str:
+        return f"[{self.severity.value}] {self.field}: {self.message} Fix: {self.suggestion}"
+
+
+def _error(field: str, message: str, suggestion: str) -> ValidationIssue:
+    return ValidationIssue(Severity.ERROR, field, message, suggestion)
+
+
+def _warning(field: str, message: str, suggestion: str) -> ValidationIssue:
+    return ValidationIssue(Severity.WARNING, field, message, suggestion)
+
+
+def _method_issues(method: QuantizationMethod, backend: Backend, where: str) -> list[ValidationIssue]:
+    field = "method" if not where else f"layer_configs[{where!r}].method"
+    support = get_support(backend, method)
+    if not support.supported:
+        alternatives = [m.value for m, _ in FALLBACK_CHAINS[method]
+                        if m is not M.NONE and get_support(backend, m).supported]
+        hint = f"use method={alternatives[0]!r}" if alternatives else "use method='none'"
+        return [_error(field, f"{method.value} is not supported on the {backend.value} backend: "
+                              f"{support.reason}", f"{hint} (or create the adapter with strict=False "
+                                                   f"to substitute automatically).")]
+    library = method_library(method)
+    if library is not None:
+        status = get_library_status(library, backend)
+        if not status.usable:
+            what = "not installed" if not status.installed else "installed but not usable here"
+            return [_error(field, f"{method.value} needs {library}, which is {what}"
+                                  + (f" ({status.reason})." if status.reason else "."),
+                           f"{status.install_hint}, or pick another method.")]
+    from .adapters.base import ADAPTER_REGISTRY
+
+    if method not in ADAPTER_REGISTRY:
+        return [_error(field, f"no adapter is registered for {method.value}.",
+                       "import the module that registers it, or pick another method.")]
+    return []
+
+
+def _option_issues(config: QuantizationConfig, backend: Backend, where: str) -> list[ValidationIssue]:
+    prefix = "" if not where else f"layer_configs[{where!r}]."
+    issues: list[ValidationIssue] = []
+    method = config.method
+    if config.compute_dtype is torch.bfloat16 and backend in (Backend.MPS, Backend.MLX):
+        issues.append(_error(prefix + "compute_dtype",
+                             f"bfloat16 is not supported for compute on the {backend.value} backend.",
+                             "use compute_dtype=torch.float16."))
+    if config.double_quant is not None and method not in _BNB_4BIT:
+        issues.append(_warning(prefix + "double_quant",
+                               f"double_quant={config.double_quant} is ignored by {method.value}; only "
+                               f"bitsandbytes 4-bit quantizes its scales a second time.",
+                               "leave double_quant unset (None)."))
+    if config.group_size is not None and method in (M.BNB_INT8, M.QUANTO_INT8, M.QUANTO_FP8, M.NONE):
+        issues.append(_warning(prefix + "group_size",
+                               f"group_size={config.group_size} is ignored: {method.value} uses one scale "
+                               f"per output row.", "leave group_size unset (None)."))
+    if method in (M.QUANTO_INT2, M.QUANTO_INT4) and config.group_size != 128:
+        issues.append(_warning(prefix + "group_size",
+                               f"group_size={config.group_size} cannot be honoured: optimum-quanto fixes the "
+                               f"group size of {method.value} at 128.",
+                               "use group_size=128, or method='hqq' for another group size."))
+    if config.storage_dtype is not None:
+        if config.storage_dtype in (torch.uint8, torch.int8):
+            issues.append(_warning(prefix + "storage_dtype",
+                                   f"storage_dtype={dtype_to_str(config.storage_dtype)} cannot be sharded by "
+                                   f"FSDP together with floating-point parameters.",
+                                   "for FSDP set storage_dtype to the model's dtype (e.g. torch.bfloat16)."))
+        if method is M.NONE:
+            issues.append(_warning(prefix + "storage_dtype", "storage_dtype is ignored by method 'none'.",
+                                   "set compute_dtype to choose the weights' dtype."))
+    return issues
+
+
+def validate_quantization_config(config: QuantizationConfig, backend: Backend | str) -> list[ValidationIssue]:
+    """Every problem of ``config`` on ``backend`` (empty list: fine).
+
+    Checks the method against the compatibility matrix, the library's availability on the backend,
+    the adapter registry, dtypes the backend cannot compute in, options the method ignores or cannot
+    honour, and ``storage_dtype`` choices FSDP cannot shard -- for the config and for each
+    ``layer_configs`` override.
+
+    Args:
+        config: the config to check.
+        backend: a :class:`~backend_manager.Backend` or its string.
+
+    Returns:
+        A list of :class:`ValidationIssue`, errors first.
+    """
+    if not isinstance(config, QuantizationConfig):
+        raise ValueError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    backend = Backend.parse(backend)
+    issues = _method_issues(config.method, backend, "") + _option_issues(config, backend, "")
+    from .adapters.base import ADAPTER_REGISTRY
+
+    if config.method in ADAPTER_REGISTRY:
+        issues += ADAPTER_REGISTRY[config.method].check_config(config, backend)
+    seen = {str(i) for i in issues}
+    for pattern, overrides in config.layer_configs.items():
+        layer = config._merged(overrides)
+        layer_issues = []
+        if "method" in overrides:
+            layer_issues += _method_issues(layer.method, backend, pattern)
+        layer_issues += _option_issues(layer, backend, pattern)
+        for issue in layer_issues:
+            # An inherited problem is reported once, on the top-level field.
+            bare = str(issue).replace(f"layer_configs[{pattern!r}].", "")
+            if bare not in seen and str(issue) not in seen:
+                seen.add(str(issue))
+                issues.append(issue)
+    return sorted(issues, key=lambda i: not i.is_error)
+
+
+def errors_only(issues: list[ValidationIssue]) -> list[ValidationIssue]:
+    """The error-level issues of ``issues``."""
+    return [i for i in issues if i.is_error]
