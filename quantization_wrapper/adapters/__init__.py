@@ -11,6 +11,7 @@ from .base import (
     tensor_nbytes,
 )
 from .fallback import FallbackAdapter
+from . import bnb, hqq, mlx, quanto  # noqa: E402  (each registers its adapter; no library import)
 
 __all__ = [
     "ADAPTER_REGISTRY",

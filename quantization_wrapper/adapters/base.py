@@ -207,6 +207,18 @@ class QuantizationAdapter(ABC):
         """Bytes of every tensor the module holds (parameters, buffers, library-side state)."""
         return tensor_nbytes(list(module.parameters()) + list(module.buffers()))
 
+    def layer_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Every tensor needed to rebuild ``module``: flat names, plain tensors, ready for
+        safetensors. :meth:`load_layer_state` on an empty layer from
+        :meth:`create_quantized_linear` with the same config must restore identical outputs."""
+        return {k: v.detach() for k, v in module.state_dict().items()}
+
+    def load_layer_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+        """Fill ``module`` (from :meth:`create_quantized_linear`, possibly on meta) with ``state``
+        without copying where possible; returns the filled module (may be a new object)."""
+        module.load_state_dict(state, strict=True, assign=True)
+        return module
+
     def layer_config(self, name: str | None, config: QuantizationConfig | None = None) -> QuantizationConfig:
         """The config to use for layer ``name``: ``config`` if given, else the resolved override."""
         if config is not None:
