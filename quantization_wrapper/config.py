@@ -259,7 +259,12 @@ class QuantizationConfig:
                 raise ValueError(f"layer_configs[{pattern!r}] has unknown keys {unknown}; allowed: "
                                  f"{', '.join(_LAYER_KEYS)}")
             overrides = dict(overrides)
-            try:  # validate by building the per-layer config once
+            try:  # normalize (strings -> enum/dtypes), then validate by building the layer config once
+                if "method" in overrides:
+                    overrides["method"] = QuantizationMethod.parse(overrides["method"], "method")
+                for key in ("compute_dtype", "storage_dtype"):
+                    if key in overrides:
+                        overrides[key] = parse_dtype(overrides[key], key)
                 self._merged(overrides)
             except ValueError as e:
                 raise ValueError(f"layer_configs[{pattern!r}]: {e}") from e

@@ -15,7 +15,18 @@ from torch import nn
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
 from .base import QuantizationAdapter, register_adapter
 
-__all__ = ["FallbackAdapter"]
+__all__ = ["FallbackAdapter", "FloatLinear"]
+
+
+class FloatLinear(nn.Linear):
+    """An ``nn.Linear`` whose weights may be in another dtype than its input (like the quantized
+    layers: compute in the weights' dtype, return the input's dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype == w.dtype:
+            return super().forward(x)
+        return nn.functional.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
 
 
 @register_adapter(QuantizationMethod.NONE)
@@ -33,7 +44,7 @@ class FallbackAdapter(QuantizationAdapter):
         config = self.layer_config(name, config)
         dtype = self._dtype(config, linear.weight.dtype)
         device = self.device or linear.weight.device
-        new = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        new = FloatLinear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         # No copy when nothing changes: the new module shares the original tensors.
         new.weight = nn.Parameter(linear.weight.detach().to(device=device, dtype=dtype),
                                   requires_grad=linear.weight.requires_grad)
@@ -46,13 +57,17 @@ class FallbackAdapter(QuantizationAdapter):
                                 config: QuantizationConfig | None = None, device=None,
                                 dtype: torch.dtype | None = None) -> nn.Linear:
         config = config or self.config
-        return nn.Linear(in_features, out_features, bias, device=device or self.device,
-                         dtype=config.compute_dtype or dtype)
+        return FloatLinear(in_features, out_features, bias, device=device or self.device,
+                           dtype=config.compute_dtype or dtype)
 
     def dequantize_module(self, module: nn.Module) -> nn.Linear:
         if not isinstance(module, nn.Linear):
             raise ValueError(f"FallbackAdapter.dequantize_module expects an nn.Linear, got {type(module).__name__}")
-        return module
+        linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.weight.detach(), requires_grad=module.weight.requires_grad)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
+        return linear
 
     def quantize_model(self, model: nn.Module, *, module_filter=None, **kwargs) -> nn.Module:
         model = super().quantize_model(model, module_filter=module_filter, **kwargs)

@@ -1,0 +1,536 @@
+"""Save and load quantized models: safetensors + a JSON description, atomic, checksummed, no pickle.
+
+Layout of a checkpoint directory::
+
+    model.safetensors                  (or model-00001-of-0000N.safetensors ... + model.safetensors.index.json)
+    quantization_config.json           format version, QuantizationConfig, per-layer plan, library
+                                       versions, tied tensors, sha256 + size of every file
+    config.json                        the transformers config, when the model has one
+
+Loading builds the model skeleton on the meta device, replaces each planned layer with an empty
+quantized layer (``create_quantized_linear(device="meta")``) and fills everything from the
+memory-mapped files with ``assign=True``: the full-precision weights never exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .adapters.base import QuantizationAdapter, get_adapter_class
+from .config import QuantizationConfig, QuantizationMethod
+from .surgery import QuantizationPlan, get_quantization_plan
+
+__all__ = [
+    "save_quantized_model",
+    "load_quantized_model",
+    "verify_checkpoint",
+    "read_checkpoint_info",
+    "CheckpointError",
+    "ChecksumError",
+    "FORMAT_VERSION",
+    "QUANT_CONFIG_NAME",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+QUANT_CONFIG_NAME = "quantization_config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_LIBRARIES = ("torch", "safetensors", "bitsandbytes", "hqq", "optimum-quanto", "mlx", "transformers", "peft")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing, malformed, or does not match the model."""
+
+
+class ChecksumError(CheckpointError):
+    """A file's sha256 or size differs from what was recorded at save time."""
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size={size} must be positive")
+        return size
+    text = str(size).strip().upper().replace(" ", "")
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise ValueError(f"max_shard_size={size!r} is not a size; write e.g. 500MB, 2GB or a number of bytes")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _layer_adapter(config: QuantizationConfig, method: str, backend=None,
+                   cache: dict | None = None) -> QuantizationAdapter:
+    cache = {} if cache is None else cache
+    key = QuantizationMethod.parse(method)
+    if key not in cache:
+        cls = get_adapter_class(key)
+        base = config if config.method is key else config.replace(
+            method=key, bits=None, group_size=None, quant_type=None, double_quant=None, layer_configs={})
+        cache[key] = cls(base, backend)
+    return cache[key]
+
+
+def _layer_config(config: QuantizationConfig, layer: dict) -> QuantizationConfig:
+    cfg = config.for_layer(layer["name"])
+    return cfg.replace(bits=layer["bits"], group_size=layer["group_size"]) if cfg.method.value == layer["method"] else \
+        QuantizationConfig(method=layer["method"], bits=layer["bits"], group_size=layer["group_size"],
+                           compute_dtype=cfg.compute_dtype, storage_dtype=cfg.storage_dtype,
+                           backend_options=cfg.backend_options, skip_modules=[])
+
+
+# ------------------------------------------------------------------------------------------- save
+def _collect_tensors(model: nn.Module, plan: QuantizationPlan, config: QuantizationConfig) -> tuple[dict, dict]:
+    """All tensors to save (quantized layers through their adapter) and the tied-tensor aliases."""
+    tensors: dict[str, torch.Tensor] = {}
+    owned: set[str] = set()
+    adapters: dict = {}
+    for layer in plan.layers:
+        if layer.status == "skipped":
+            continue
+        module = model.get_submodule(layer.name)
+        adapter = _layer_adapter(config, layer.method, cache=adapters)
+        for key, value in adapter.layer_state_dict(module).items():
+            tensors[f"{layer.name}.{key}"] = value
+        owned.add(layer.name)
+    for name, value in model.state_dict(keep_vars=False).items():
+        module_name = name.rsplit(".", 1)[0] if "." in name else ""
+        if any(module_name == o or module_name.startswith(o + ".") for o in owned):
+            continue
+        tensors[name] = value
+    # Non-persistent buffers (rotary inv_freq, position ids) are rebuilt from code by the model
+    # constructor, which we avoid on load (it would run on meta); save them too.
+    for name, buf in model.named_buffers():
+        if name not in tensors and not any(name.startswith(o + ".") for o in owned):
+            tensors[f"__buffer__.{name}"] = buf
+    # Tied weights: safetensors refuses shared storage; keep one copy, record the aliases.
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.device.type == "meta":
+            raise CheckpointError(f"tensor {name!r} is on the meta device; load or quantize real weights "
+                                  f"before saving")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+        else:
+            seen[key] = name
+    for name in tied:
+        del tensors[name]
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        out[name] = t.contiguous()
+    return out, tied
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in tensors:  # insertion order keeps a layer's tensors together
+        n = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += n
+    return shards
+
+
+def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "2GB",
+                         single_file: bool = False, _before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Save a model quantized by this package.
+
+    The checkpoint is written to a temporary directory next to ``path``, fsynced, then renamed into
+    place: an interrupted save leaves any previous checkpoint at ``path`` intact.
+
+    Args:
+        model: a model with a ``quantization_plan`` (from ``quantize_model`` or ``load_quantized_model``).
+        path: the checkpoint directory (or, with ``single_file=True``, the ``.safetensors`` file).
+        max_shard_size: split ``model.safetensors`` into shards of at most this size (``"500MB"``,
+            ``2 * 2**30``), with a ``model.safetensors.index.json`` as transformers writes it.
+        single_file: write one ``.safetensors`` file whose metadata holds the JSON description.
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    plan = get_quantization_plan(model)
+    config = getattr(model, "quantization_config", None)
+    if plan is None or not isinstance(config, QuantizationConfig):
+        raise ValueError("model has no quantization plan: quantize it with an adapter's quantize_model "
+                         "(or load it with load_quantized_model) before saving")
+    path = Path(path)
+    tensors, tied = _collect_tensors(model, plan, config)
+    description = {
+        "format": "quantization-wrapper",
+        "format_version": FORMAT_VERSION,
+        "quantization_config": config.to_dict(),
+        "plan": plan.to_dict(),
+        "libraries": _library_versions(),
+        "tied": tied,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+    }
+    hf_config = getattr(model, "config", None)
+
+    if single_file:
+        if path.suffix != ".safetensors":
+            raise ValueError(f"single_file=True needs a path ending in .safetensors, got {str(path)!r}")
+        if hf_config is not None and hasattr(hf_config, "to_dict"):
+            description["config"] = hf_config.to_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"quantization_wrapper": json.dumps(description, default=str)})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            if _before_commit is not None:
+                _before_commit(Path(tmp))
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    max_bytes = _parse_size(max_shard_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        shards = _shards(tensors, max_bytes)
+        files: dict[str, dict[str, Any]] = {}
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards, 1):
+            name = WEIGHTS_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, staging / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (staging / INDEX_NAME).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if hf_config is not None and hasattr(hf_config, "to_json_file"):
+            hf_config.to_json_file(str(staging / "config.json"))
+        for f in sorted(staging.iterdir()):
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            files[f.name] = {"sha256": _sha256(f), "size": f.stat().st_size}
+        description["files"] = files
+        (staging / QUANT_CONFIG_NAME).write_text(json.dumps(description, indent=2, default=str))
+        with open(staging / QUANT_CONFIG_NAME, "rb+") as fh:
+            os.fsync(fh.fileno())
+        _fsync_dir(staging)
+        if _before_commit is not None:
+            _before_commit(staging)
+        _commit(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _commit(staging: Path, path: Path) -> None:
+    """Move ``staging`` to ``path``; an existing checkpoint is replaced only once the new one is complete."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- load
+def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON description of a checkpoint (directory or single file), version-checked."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        if "quantization_wrapper" not in meta:
+            raise CheckpointError(f"{path}: safetensors file has no quantization-wrapper description in its metadata")
+        info = json.loads(meta["quantization_wrapper"])
+    else:
+        desc = path / QUANT_CONFIG_NAME
+        if not desc.exists():
+            raise CheckpointError(f"{path}: no {QUANT_CONFIG_NAME}; not a quantization-wrapper checkpoint")
+        try:
+            info = json.loads(desc.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{desc}: invalid JSON ({e})") from e
+    version = info.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: description has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version} is newer than this quantization-wrapper "
+                              f"understands ({FORMAT_VERSION}); upgrade the package")
+    return info
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, str]:
+    """Check every recorded file's size and sha256. Returns ``{file: "ok"}``.
+
+    Raises:
+        ChecksumError: naming the file whose size or hash differs, or that is missing.
+    """
+    path = Path(path)
+    info = read_checkpoint_info(path)
+    if path.is_file():
+        return {path.name: "ok (single file: integrity checked by safetensors on load)"}
+    result = {}
+    for name, rec in info.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            raise ChecksumError(f"{f}: file listed in {QUANT_CONFIG_NAME} is missing")
+        if f.stat().st_size != rec["size"]:
+            raise ChecksumError(f"{f}: size {f.stat().st_size} bytes, expected {rec['size']} (truncated or modified)")
+        if _sha256(f) != rec["sha256"]:
+            raise ChecksumError(f"{f}: sha256 mismatch (the file was modified after saving)")
+        result[name] = "ok"
+    return result
+
+
+def _build_skeleton(path: Path, info: dict, model_config: Any) -> nn.Module:
+    """The architecture on the meta device, from ``model_config`` or the saved config.json."""
+    if isinstance(model_config, nn.Module):
+        return model_config
+    with torch.device("meta"):
+        if callable(model_config) and not hasattr(model_config, "to_dict"):
+            return model_config()
+        try:
+            import transformers
+        except ImportError as e:
+            raise CheckpointError("rebuilding the architecture needs transformers (pip install transformers), "
+                                  "or pass model_config as an nn.Module on meta or a callable") from e
+        if model_config is None:
+            if "config" in info:
+                model_config = info["config"]
+            elif (path / "config.json").exists():
+                model_config = transformers.AutoConfig.from_pretrained(str(path))
+            else:
+                raise CheckpointError(f"{path}: no config.json; pass model_config (a transformers config, a "
+                                      f"dict, a callable that builds the model, or an nn.Module on meta)")
+        if isinstance(model_config, dict):
+            data = dict(model_config)
+            model_type = data.pop("model_type", None)
+            if model_type is None:
+                raise CheckpointError("model_config dict needs a 'model_type' key (e.g. 'llama')")
+            model_config = transformers.AutoConfig.for_model(model_type, **data)
+        archs = getattr(model_config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            return transformers.AutoModel.from_config(model_config)
+        return cls(model_config)
+
+
+def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, device: str | torch.device = "cpu",
+                         backend=None, verify: bool = True,
+                         expected_methods: Iterable[QuantizationMethod] | None = None) -> nn.Module:
+    """Load a checkpoint written by :func:`save_quantized_model`; the method is read from it.
+
+    Args:
+        path: the checkpoint directory or single ``.safetensors`` file.
+        model_config: how to build the architecture: ``None`` (the saved ``config.json``), a
+            transformers config or dict, a callable returning the model, or an ``nn.Module`` on meta.
+        device: where to place the tensors.
+        backend: backend for the adapters (``None``: detect).
+        verify: check every file's sha256 and size first.
+        expected_methods: raise if the checkpoint's method is not one of these.
+
+    Returns:
+        The quantized model, in eval mode, with its ``quantization_plan``.
+
+    Raises:
+        CheckpointError / ChecksumError: naming the file or key that is wrong.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    info = read_checkpoint_info(path)
+    if verify:
+        verify_checkpoint(path)
+    config = QuantizationConfig.from_dict(info["quantization_config"])
+    if expected_methods is not None and config.method not in tuple(expected_methods):
+        raise CheckpointError(f"{path} was saved with method {config.method.value!r}; this adapter serves "
+                              f"{', '.join(m.value for m in expected_methods)} (use the module-level "
+                              f"load_quantized_model to load any method)")
+    plan = QuantizationPlan.from_dict(info["plan"])
+    device = torch.device(device)
+
+    if path.is_file():
+        files = [path]
+    elif (path / INDEX_NAME).exists():
+        index = json.loads((path / INDEX_NAME).read_text())
+        names = sorted(set(index["weight_map"].values()))
+        for n in names:
+            if not (path / n).exists():
+                raise CheckpointError(f"{path / n}: shard listed in {INDEX_NAME} is missing")
+        files = [path / n for n in names]
+    else:
+        if not (path / WEIGHTS_NAME).exists():
+            raise CheckpointError(f"{path / WEIGHTS_NAME}: weights file is missing")
+        files = [path / WEIGHTS_NAME]
+
+    model = _build_skeleton(path, info, model_config)
+    adapters: dict = {}
+    with ExitStack() as stack:
+        handles = {}
+        for f in files:
+            try:
+                handle = stack.enter_context(safe_open(str(f), framework="pt", device=str(device)))
+            except Exception as e:
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+            for key in handle.keys():
+                handles[key] = handle
+
+        def take(key: str) -> torch.Tensor:
+            try:
+                return handles.pop(key).get_tensor(key)
+            except KeyError:
+                raise CheckpointError(f"{path}: tensor {key!r} is missing from the checkpoint") from None
+            except Exception as e:
+                raise CheckpointError(f"{path}: tensor {key!r} could not be read ({e})") from e
+
+        for layer in plan.layers:
+            if layer.status == "skipped":
+                continue
+            try:
+                current = model.get_submodule(layer.name)
+            except AttributeError:
+                raise CheckpointError(f"{path}: the plan's layer {layer.name!r} does not exist in the model "
+                                      f"architecture") from None
+            if getattr(current, "in_features", layer.in_features) != layer.in_features or \
+                    getattr(current, "out_features", layer.out_features) != layer.out_features:
+                raise CheckpointError(
+                    f"{path}: layer {layer.name!r} is {current.out_features}x{current.in_features} in the "
+                    f"architecture but {layer.out_features}x{layer.in_features} in the checkpoint")
+            layer_cfg = _layer_config(config, layer.__dict__)
+            adapter = _layer_adapter(config, layer.method, backend, adapters)
+            empty = adapter.create_quantized_linear(layer.in_features, layer.out_features, layer.bias,
+                                                    config=layer_cfg, device="meta",
+                                                    dtype=getattr(current, "weight", torch.empty(0)).dtype)
+            prefix = layer.name + "."
+            keys = [k for k in list(handles) if k.startswith(prefix)]
+            state = {k[len(prefix):]: take(k) for k in keys}
+            try:
+                filled = adapter.load_layer_state(empty, state)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path}: layer {layer.name!r} could not be restored from "
+                                      f"{sorted(state)}: {type(e).__name__}: {e}") from e
+            model.set_submodule(layer.name, filled)
+
+        rest: dict[str, torch.Tensor] = {}
+        buffers: dict[str, torch.Tensor] = {}
+        for key in list(handles):
+            if key.startswith("__buffer__."):
+                buffers[key[len("__buffer__."):]] = take(key)
+            else:
+                rest[key] = take(key)
+    for alias, source in info.get("tied", {}).items():
+        if alias.startswith("__buffer__."):
+            continue
+        if source in rest:
+            rest[alias] = rest[source]
+
+    expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
+    missing = sorted(expected - set(rest))
+    unexpected = sorted(set(rest) - set(model.state_dict(keep_vars=True)))
+    if unexpected:
+        raise CheckpointError(f"{path}: the checkpoint has tensors the architecture does not: "
+                              f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint lacks tensors the architecture needs: "
+                              f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    current = model.state_dict(keep_vars=True)
+    for key, value in rest.items():
+        if tuple(current[key].shape) != tuple(value.shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(value.shape)} in the checkpoint, "
+                                  f"{tuple(current[key].shape)} in the architecture")
+    model.load_state_dict(rest, strict=False, assign=True)
+    for name, value in buffers.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        persistent = attr not in getattr(module, "_non_persistent_buffers_set", set())
+        module.register_buffer(attr, value, persistent=persistent)
+    if hasattr(model, "tie_weights") and info.get("tied"):
+        model.tie_weights()
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if leftovers:
+        raise CheckpointError(f"{path}: after loading, these tensors have no data: {leftovers[:10]}")
+    if device.type != "cpu":
+        model.to(device)
+    model.quantization_plan = plan
+    model.quantization_config = config
+    main = _layer_adapter(config, config.method.value, backend, adapters)
+    main.mark_model(model)
+    model.eval()
+    return model
