@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import platform
 from dataclasses import dataclass
 from types import ModuleType
@@ -149,13 +150,27 @@ def _dist_version(dist: str) -> str | None:
         return None
 
 
+# Import-time log lines that are noise for our users: (logger, substring). bitsandbytes 0.50 logs
+# that the optional `kernels` package is missing; it only speeds up a CPU path we switch off.
+_IMPORT_NOISE = {"bitsandbytes": ("bitsandbytes.backends.cpu.ops", "kernels-community")}
+
+
 @cached
 def _import_probe(name: str) -> tuple[ModuleType | None, str | None]:
     """Import the library for real; return ``(module, None)`` or ``(None, error text)``."""
+    noise = _IMPORT_NOISE.get(name)
+    log_filter = None
+    if noise is not None:
+        log_filter = logging.Filter()
+        log_filter.filter = lambda record, text=noise[1]: text not in record.getMessage()  # type: ignore[method-assign]
+        logging.getLogger(noise[0]).addFilter(log_filter)
     try:
         return importlib.import_module(_library(name).module), None
     except Exception as e:  # a broken install can raise anything; report it, don't crash
         return None, f"{type(e).__name__}: {e}"
+    finally:
+        if log_filter is not None:
+            logging.getLogger(noise[0]).removeFilter(log_filter)
 
 
 @cached

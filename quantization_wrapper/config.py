@@ -278,6 +278,8 @@ class QuantizationConfig:
             # A different method brings its own defaults unless the override sets them.
             method = QuantizationMethod.parse(overrides["method"])
             values.update(bits=None, group_size=None, quant_type=None, double_quant=None)
+            if METHOD_SPECS[method].library != METHOD_SPECS[self.method].library:
+                values.update(backend_options={})  # another library's options would not apply
         values.update(overrides)
         return QuantizationConfig(**values)
 

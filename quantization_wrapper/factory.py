@@ -89,6 +89,9 @@ def create_quantization_adapter(backend: Backend | str | None = None, config: Qu
 
     issues = validate_quantization_config(config, backend)
     errors = errors_only(issues)
+    option_errors = [e for e in errors if e.field.endswith("backend_options")]
+    if option_errors:  # a typo in an option must not silently switch the method
+        raise ValueError("invalid backend_options:\n" + "\n".join(f"  - {e}" for e in option_errors))
     if errors and strict:
         raise ValueError(
             f"config cannot run on the {backend.value} backend ({len(errors)} problem"

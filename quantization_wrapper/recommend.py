@@ -50,7 +50,8 @@ def bits_per_weight(config: QuantizationConfig, in_features: int = TYPICAL_IN_FE
     """Stored bits per quantized weight for ``config``, every stored byte counted.
 
     Examples: NF4 with double quantization at block 64 -> 4.127; HQQ 4-bit at group 64 with fp16
-    scale and zero -> 4.5; MLX 4-bit at group 64 (fp16 scale and bias) -> 4.5.
+    scale and zero -> 4.5; MLX 4-bit at group 64 (fp16 scale and bias) -> 4.5. HQQ and MLX keep
+    their scales in the compute dtype (fp16 assumed when unset; fp32 doubles the overhead).
     """
     method, bits, group = config.method, config.bits, config.group_size
     if method in (M.BNB_NF4, M.BNB_FP4):
@@ -60,11 +61,12 @@ def bits_per_weight(config: QuantizationConfig, in_features: int = TYPICAL_IN_FE
         return bits + 32 / group
     if method is M.BNB_INT8:
         return 8 + 32 / in_features  # fp32 row scale (SCB)
+    meta_bits = 8 * (config.compute_dtype or torch.float16).itemsize  # scales live in the compute dtype
     if method is M.HQQ:
         packed = {3: 32 / 10}.get(bits, bits)  # hqq packs 3-bit as 10 values per int32
-        return packed + (32 / group if group else 32 / in_features)  # fp16 scale + fp16 zero
+        return packed + 2 * meta_bits / (group or in_features)  # scale + zero per group
     if method in (M.MLX_INT4, M.MLX_INT8):
-        return bits + 32 / group  # fp16 scale + fp16 bias per group
+        return bits + 2 * meta_bits / group  # scale + bias per group
     if method in (M.QUANTO_INT2, M.QUANTO_INT4):
         return bits + 32 / 128  # scale + shift per group of 128
     if method in (M.QUANTO_INT8, M.QUANTO_FP8):

@@ -302,7 +302,10 @@ def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter
         plan.layers = [l for l in previous.layers if l.name not in known] + plan.layers
     model.quantization_plan = plan
     model.quantization_config = config
-    adapter.mark_model(model)
+    used = {l.method for l in plan.converted} - {config.method.value}
+    for method in sorted(used):  # flags of the other libraries first (e.g. is_loaded_in_8bit) ...
+        adapter.for_method(method).mark_model(model)
+    adapter.mark_model(model)  # ... then the main method's, which wins for shared attributes
     return model
 
 

@@ -111,8 +111,9 @@ def _option_issues(config: QuantizationConfig, backend: Backend, where: str) -> 
     if config.storage_dtype is not None:
         if config.storage_dtype in (torch.uint8, torch.int8):
             issues.append(_warning(prefix + "storage_dtype",
-                                   f"storage_dtype={dtype_to_str(config.storage_dtype)} cannot be sharded by "
-                                   f"FSDP together with floating-point parameters.",
+                                   f"storage_dtype={dtype_to_str(config.storage_dtype)}: FSDP1 flattens the "
+                                   f"parameters of a unit into one tensor of one dtype, so integer storage "
+                                   f"cannot be sharded with the float parameters (FSDP2 shards per tensor).",
                                    "for FSDP set storage_dtype to the model's dtype (e.g. torch.bfloat16)."))
         if method is M.NONE:
             issues.append(_warning(prefix + "storage_dtype", "storage_dtype is ignored by method 'none'.",
@@ -150,6 +151,12 @@ def validate_quantization_config(config: QuantizationConfig, backend: Backend | 
         if "method" in overrides:
             layer_issues += _method_issues(layer.method, backend, pattern)
         layer_issues += _option_issues(layer, backend, pattern)
+        if layer.method in ADAPTER_REGISTRY and (layer.method is not config.method or
+                                                 "backend_options" in overrides):
+            layer_issues += [
+                ValidationIssue(i.severity, f"layer_configs[{pattern!r}].{i.field}", i.message, i.suggestion)
+                for i in ADAPTER_REGISTRY[layer.method].check_config(layer, backend)
+            ]
         for issue in layer_issues:
             # An inherited problem is reported once, on the top-level field.
             bare = str(issue).replace(f"layer_configs[{pattern!r}].", "")

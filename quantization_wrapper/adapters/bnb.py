@@ -1,1 +1,553 @@
-"""(in progress)"""
+"""bitsandbytes adapter: 4-bit NF4/FP4 (``bnb.nn.Linear4bit``) and LLM.int8() (``bnb.nn.Linear8bitLt``).
+
+Layers are quantized when they are built, on CPU exactly as on CUDA: the weight becomes a
+``Params4bit`` holding packed 4-bit data plus its ``QuantState`` (absmax, quant map and, with
+double quantization, the nested absmax/quant map/offset), or an ``Int8Params`` holding the int8
+rows (``CB``) and their fp32 absmax (``SCB``). No full-precision copy of the weight is kept.
+
+Choices worth knowing:
+
+* **Bias.** 4-bit layers keep the bias in the compute dtype: ``Linear4bit.forward`` casts it to
+  that dtype on its first call anyway, so storing it that way keeps the module (its bytes and its
+  state dict) unchanged by running it. INT8 layers keep the bias in the linear's own dtype
+  (``Linear8bitLt`` has no compute dtype; it casts the bias to the input's dtype).
+* **Compute dtype.** ``config.compute_dtype``, else the dtype of the linear being quantized
+  (``torch.float32`` for an empty layer built without ``dtype``). It is always set explicitly, so
+  ``Linear4bit`` never switches it on the fly.
+* **CPU packed inference is off.** On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit
+  weight in place on its first eval-mode forward: it drops double quantization, stores absmax in
+  bfloat16 (changing the outputs and the bytes held), makes saving lossy, and fails with an
+  ``AssertionError`` unless ``out_features`` is a multiple of 32. The adapter switches that path off
+  per layer (``support_avx512bf16_for_cpu = False``) so a layer computes the same thing in train and
+  eval mode, and save/load round trips are exact.
+* **Serialization** uses transformers' bitsandbytes key names (``weight``, ``weight.absmax``,
+  ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+  ``weight.quant_state.bitsandbytes__nf4``; INT8: ``weight``, ``SCB``, ``weight_format``), produced
+  and read by bitsandbytes' own ``QuantState.as_dict(packed=True)`` / ``Params4bit.from_prequantized``.
+
+``backend_options``: ``llm_int8_threshold`` (float >= 0, default 6.0): the LLM.int8() outlier
+threshold of INT8 layers; input columns with a value above it are multiplied in fp16. It acts in
+eval mode (on CPU, bitsandbytes' training path multiplies by the dequantized weight). Other keys are
+rejected.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
+from .base import QuantizationAdapter, register_adapter, tensor_nbytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from backend_manager import Backend
+
+    from ..validation import ValidationIssue
+
+__all__ = ["BitsAndBytesAdapter", "BNB_BACKEND_OPTIONS"]
+
+M = QuantizationMethod
+_BNB_4BIT = (M.BNB_NF4, M.BNB_FP4)
+# Block sizes bitsandbytes' quantize_4bit accepts (bitsandbytes.functional.quantize_4bit).
+_BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# quant_storage dtypes transformers documents for bnb_4bit_quant_storage (the packed bytes are
+# reinterpreted, never converted).
+_BNB_QUANT_STORAGE = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+_NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the 4-bit absmax in blocks of 256
+_INT8_DEFAULT_THRESHOLD = 6.0
+
+BNB_BACKEND_OPTIONS: dict[str, str] = {
+    "llm_int8_threshold": "LLM.int8() outlier threshold of bnb_int8 layers (float >= 0, default 6.0; "
+                          "0 disables the fp16 outlier path)",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _bnb():
+    """Import bitsandbytes once (never at module import)."""
+    quiet = _DropRecords("kernels-community")
+    cpu_ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    # bitsandbytes logs at import that the optional `kernels` package is missing; it only speeds up
+    # the AVX512-BF16 packed CPU path, which this adapter switches off (see the module docstring).
+    cpu_ops_logger.addFilter(quiet)
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError("BitsAndBytesAdapter needs bitsandbytes; install it with "
+                          "`pip install 'bitsandbytes>=0.48'` (CPU support needs >= 0.48)") from e
+    finally:
+        cpu_ops_logger.removeFilter(quiet)
+    return bitsandbytes
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, needle: str):
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in str(record.msg)
+
+
+def _option_problems(config: QuantizationConfig) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """``(errors, warnings)`` of one (per-layer) config, each ``(field, message, suggestion)``."""
+    errors: list[tuple[str, str, str]] = []
+    warns: list[tuple[str, str, str]] = []
+    options = config.backend_options
+    unknown = sorted(set(options) - set(BNB_BACKEND_OPTIONS))
+    if unknown:
+        errors.append(("backend_options",
+                       f"bitsandbytes does not know the backend_options {unknown}; allowed: "
+                       f"{', '.join(BNB_BACKEND_OPTIONS)}.",
+                       "remove them (compute_dtype, storage_dtype, double_quant and group_size are "
+                       "config fields, not backend_options)."))
+    if "llm_int8_threshold" in options:
+        value = options["llm_int8_threshold"]
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value < 0):
+            errors.append(("backend_options",
+                           f"llm_int8_threshold={value!r} is not a finite number >= 0.",
+                           f"use e.g. {_INT8_DEFAULT_THRESHOLD} (the default) or 0.0 to disable the "
+                           f"outlier path."))
+    if config.method in _BNB_4BIT:
+        if config.group_size not in _BNB_BLOCKSIZES:
+            errors.append(("group_size",
+                           f"group_size={config.group_size} is not a bitsandbytes 4-bit block size; "
+                           f"allowed: {', '.join(map(str, _BNB_BLOCKSIZES))}.",
+                           "use group_size=64 (the QLoRA default)."))
+        if config.storage_dtype is not None and config.storage_dtype not in _BNB_QUANT_STORAGE:
+            errors.append(("storage_dtype",
+                           f"storage_dtype={dtype_to_str(config.storage_dtype)} is not a bitsandbytes "
+                           f"quant_storage dtype; allowed: "
+                           f"{', '.join(dtype_to_str(d) for d in _BNB_QUANT_STORAGE)}.",
+                           "use the model's float dtype (e.g. bfloat16) for FSDP, or leave it unset "
+                           "(uint8)."))
+    elif config.method is M.BNB_INT8:
+        if config.storage_dtype is not None:
+            warns.append(("storage_dtype",
+                          f"storage_dtype={dtype_to_str(config.storage_dtype)} is ignored by bnb_int8: "
+                          f"Linear8bitLt always stores int8 weights, which FSDP cannot shard together "
+                          f"with float parameters.",
+                          "leave storage_dtype unset, or use bnb_nf4 with storage_dtype=bfloat16 for "
+                          "FSDP."))
+        if config.compute_dtype is not None:
+            warns.append(("compute_dtype",
+                          f"compute_dtype={dtype_to_str(config.compute_dtype)} is ignored by bnb_int8: "
+                          f"LLM.int8() multiplies in the input's dtype.",
+                          "leave compute_dtype unset and cast the model instead."))
+    return errors, warns
+
+
+def _uses_int8(config: QuantizationConfig) -> bool:
+    return config.method is M.BNB_INT8 or any(
+        M.parse(o["method"]) is M.BNB_INT8 for o in config.layer_configs.values() if "method" in o)
+
+
+@register_adapter(M.BNB_NF4, M.BNB_FP4, M.BNB_INT8)
+class BitsAndBytesAdapter(QuantizationAdapter):
+    """bitsandbytes NF4/FP4 (QLoRA) and LLM.int8() layers.
+
+    Config fields used: ``quant_type`` (from the method), ``group_size`` -> ``blocksize``,
+    ``double_quant`` -> ``compress_statistics``, ``compute_dtype``, ``storage_dtype`` ->
+    ``quant_storage`` (default ``torch.uint8``); INT8 takes ``backend_options["llm_int8_threshold"]``.
+    Any weight shape works: bitsandbytes blocks the flattened weight.
+
+    Raises:
+        ValueError: at construction (and per layer) for options bitsandbytes cannot honour; the same
+            problems are reported by :func:`~quantization_wrapper.validate_quantization_config`.
+    """
+
+    library = "bitsandbytes"
+    library_module = "bitsandbytes"
+
+    def __init__(self, config: QuantizationConfig | None = None, backend: "Backend | str | None" = None,
+                 *, device: torch.device | str | None = None):
+        super().__init__(config, backend, device=device)
+        self._checked(self.config)
+
+    # ------------------------------------------------------------------ validation
+    @classmethod
+    def check_config(cls, config: QuantizationConfig, backend: "Backend") -> list["ValidationIssue"]:
+        """Options bitsandbytes cannot honour, for the config and its bitsandbytes overrides.
+
+        Errors: unknown ``backend_options`` keys, a bad ``llm_int8_threshold``, a 4-bit block size
+        or ``storage_dtype`` bitsandbytes has no kernel for. Warnings: ``storage_dtype`` or
+        ``compute_dtype`` on INT8 (ignored), ``llm_int8_threshold`` when no layer is INT8. A
+        ``layer_configs`` override is checked for the fields it sets itself.
+        """
+        from ..validation import Severity, ValidationIssue
+
+        issues: list[ValidationIssue] = []
+        seen: set[str] = set()
+
+        def add(severity: Severity, field: str, message: str, suggestion: str) -> None:
+            issue = ValidationIssue(severity, field, message, suggestion)
+            if str(issue) not in seen:
+                seen.add(str(issue))
+                issues.append(issue)
+
+        targets: list[tuple[str, QuantizationConfig, set[str] | None]] = [("", config, None)]
+        for pattern, overrides in config.layer_configs.items():
+            layer = config._merged(overrides)
+            if layer.method in cls.methods:
+                # A method switch makes an inherited storage_dtype matter to this layer.
+                own = set(overrides) | ({"storage_dtype"} if "method" in overrides else set())
+                targets.append((f"layer_configs[{pattern!r}].", layer, own))
+        for prefix, layer, own in targets:
+            if layer.method not in cls.methods:
+                continue
+            errors, warns = _option_problems(layer)
+            for severity, problems in ((Severity.ERROR, errors), (Severity.WARNING, warns)):
+                for field, message, suggestion in problems:
+                    if own is not None and field not in own:
+                        continue  # inherited: reported on the top-level field
+                    add(severity, prefix + field, message, suggestion)
+        if "llm_int8_threshold" in config.backend_options and not _uses_int8(config):
+            add(Severity.WARNING, "backend_options",
+                f"llm_int8_threshold is ignored: no layer uses bnb_int8 ({config.method.value} only).",
+                "remove it, or route layers to bnb_int8 with layer_configs.")
+        return sorted(issues, key=lambda i: not i.is_error)
+
+    def _checked(self, config: QuantizationConfig) -> QuantizationConfig:
+        if config.method not in self.methods:
+            raise ValueError(f"BitsAndBytesAdapter serves {', '.join(m.value for m in self.methods)}; "
+                             f"got method={config.method.value!r}")
+        errors, _ = _option_problems(config)
+        if errors:
+            raise ValueError("bitsandbytes cannot use this config: " + " ".join(
+                f"{field}: {message} Fix: {suggestion}" for field, message, suggestion in errors))
+        return config
+
+    @classmethod
+    def quantized_module_types(cls) -> tuple[type, ...]:
+        bnb = _bnb()
+        return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+    def fit_group_size(self, in_features: int, out_features: int,
+                       config: QuantizationConfig) -> tuple[QuantizationConfig | None, str | None]:
+        """bitsandbytes blocks the flattened weight (the last block may be partial), so every shape
+        fits every block size. The one exception: a float ``storage_dtype`` must hold the packed
+        bytes exactly, which an odd count of packed bytes cannot."""
+        if config.method is M.BNB_INT8:
+            return config, None
+        storage = config.storage_dtype or torch.uint8
+        packed_bytes = (in_features * out_features + 1) // 2
+        if packed_bytes % storage.itemsize:
+            return None, (f"{packed_bytes} packed bytes cannot be stored as "
+                          f"{dtype_to_str(storage)}; layer kept in full precision")
+        return config, None
+
+    # ------------------------------------------------------------------ layer level
+    def quantize_linear(self, linear: nn.Linear, name: str | None = None, *,
+                        config: QuantizationConfig | None = None) -> nn.Module:
+        config = self._checked(self.layer_config(name, config))
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"quantize_linear expects an nn.Linear, got {type(linear).__name__}")
+        if self.is_quantized_module(linear):
+            raise ValueError(f"{name or 'the layer'} is already a {type(linear).__name__}")
+        weight = linear.weight
+        if weight.device.type == "meta":
+            raise ValueError(f"{name or 'the layer'} is on the meta device (no weights to quantize); "
+                             f"use create_quantized_linear for an empty layer")
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"bitsandbytes quantizes float32/float16/bfloat16 weights; "
+                             f"{name or 'the layer'} is {dtype_to_str(weight.dtype)}: cast the model first")
+        device = self.device or weight.device
+        if config.method is M.BNB_INT8:
+            return self._quantize_int8(linear, config, device)
+        return self._quantize_4bit(linear, config, device)
+
+    def _quantize_4bit(self, linear: nn.Linear, config: QuantizationConfig, device: torch.device) -> nn.Module:
+        bnb = _bnb()
+        compute_dtype = config.compute_dtype or linear.weight.dtype
+        new = self._empty_4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                               config, compute_dtype)
+        # Params4bit quantizes when moved to a device that is not meta (any device, CPU included);
+        # it replaces its own data, so the input linear's weight is only read.
+        new.weight = bnb.nn.Params4bit(
+            linear.weight.detach(), requires_grad=False, blocksize=config.group_size,
+            compress_statistics=bool(config.double_quant), quant_type=config.quant_type,
+            quant_storage=config.storage_dtype or torch.uint8, module=new,
+        ).to(device)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().to(device=device, dtype=compute_dtype),
+                                    requires_grad=linear.bias.requires_grad)
+        return new
+
+    def _quantize_int8(self, linear: nn.Linear, config: QuantizationConfig, device: torch.device) -> nn.Module:
+        bnb = _bnb()
+        new = self._empty_int8(linear.in_features, linear.out_features, linear.bias is not None,
+                               config, linear.weight.dtype)
+        # What Int8Params._quantize does, but on `device` directly: bitsandbytes' own `.to()` only
+        # quantizes weights that start on the CPU.
+        w16 = linear.weight.detach().to(device=device, dtype=torch.float16)
+        CB, SCB, _ = bnb.functional.int8_vectorwise_quant(w16.contiguous())
+        del w16
+        new.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().to(device=device),
+                                    requires_grad=linear.bias.requires_grad)
+        return new
+
+    def _empty_4bit(self, in_features: int, out_features: int, bias: bool, config: QuantizationConfig,
+                    compute_dtype: torch.dtype) -> nn.Module:
+        bnb = _bnb()
+        new = bnb.nn.Linear4bit(in_features, out_features, bias, compute_dtype=compute_dtype,
+                                compress_statistics=bool(config.double_quant), quant_type=config.quant_type,
+                                quant_storage=config.storage_dtype or torch.uint8, device="meta")
+        new.support_avx512bf16_for_cpu = False  # see the module docstring
+        return new
+
+    def _empty_int8(self, in_features: int, out_features: int, bias: bool, config: QuantizationConfig,
+                    source_dtype: torch.dtype) -> nn.Module:
+        bnb = _bnb()
+        threshold = float(config.backend_options.get("llm_int8_threshold", _INT8_DEFAULT_THRESHOLD))
+        new = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False,
+                                  threshold=threshold, device="meta")
+        # int8 rows carry no dtype; remember the float dtype for dequantize_module.
+        new.source_dtype = source_dtype
+        return new
+
+    def create_quantized_linear(self, in_features: int, out_features: int, bias: bool = True, *,
+                                config: QuantizationConfig | None = None,
+                                device: torch.device | str | None = None,
+                                dtype: torch.dtype | None = None) -> nn.Module:
+        """An empty layer with exactly the tensors :meth:`quantize_linear` would produce (packed
+        weight, quant state, bias), allocated on ``device`` (``"meta"``: nothing allocated).
+
+        Args:
+            dtype: the dtype of the layer it stands for (default ``torch.float32``); it sets the
+                compute dtype when ``config.compute_dtype`` is unset.
+        """
+        bnb = _bnb()
+        config = self._checked(config or self.config)
+        device = torch.device(device if device is not None else self.device or "cpu")
+        source_dtype = dtype or torch.float32
+        if config.method is M.BNB_INT8:
+            new = self._empty_int8(in_features, out_features, bias, config, source_dtype)
+            CB = torch.empty((out_features, in_features), dtype=torch.int8, device=device)
+            SCB = torch.empty((out_features,), dtype=torch.float32, device=device)
+            new.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+            if bias:
+                new.bias = nn.Parameter(torch.empty(out_features, dtype=source_dtype, device=device),
+                                        requires_grad=False)
+            return new
+
+        compute_dtype = config.compute_dtype or source_dtype
+        storage = config.storage_dtype or torch.uint8
+        new = self._empty_4bit(in_features, out_features, bias, config, compute_dtype)
+        n = in_features * out_features
+        blocks = -(n // -config.group_size)
+        # Same shapes and dtypes as bitsandbytes.functional.quantize_4bit produces.
+        data = torch.empty(((n + 1) // (storage.itemsize * 2), 1), dtype=storage, device=device)
+        code = torch.empty(16, dtype=torch.float32, device=device)
+        if config.double_quant:
+            nested = bnb.functional.QuantState(
+                absmax=torch.empty(-(blocks // -_NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
+                code=torch.empty(256, dtype=torch.float32, device=device),
+                blocksize=_NESTED_BLOCKSIZE, dtype=torch.float32)
+            absmax = torch.empty(blocks, dtype=torch.uint8, device=device)
+            # A 4-byte scalar that bitsandbytes reads with .item() when it writes a state dict (it is
+            # saved inside the JSON blob), so it cannot live on meta: a meta skeleton's state_dict()
+            # would raise. Everything else stays on `device`.
+            offset = torch.zeros((), dtype=torch.float32, device="cpu" if device.type == "meta" else device)
+        else:
+            nested, offset = None, None
+            absmax = torch.empty(blocks, dtype=torch.float32, device=device)
+        state = bnb.functional.QuantState(absmax=absmax, shape=torch.Size([out_features, in_features]),
+                                          code=code, blocksize=config.group_size,
+                                          quant_type=config.quant_type, dtype=source_dtype,
+                                          offset=offset, state2=nested)
+        new.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state,
+                                       blocksize=config.group_size,
+                                       compress_statistics=bool(config.double_quant),
+                                       quant_type=config.quant_type, quant_storage=storage,
+                                       module=new, bnb_quantized=True)
+        new.quant_state = state
+        if bias:
+            new.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device),
+                                    requires_grad=False)
+        return new
+
+    def dequantize_module(self, module: nn.Module) -> nn.Linear:
+        """An ``nn.Linear`` with the weight the layer multiplies by, in the dtype it was quantized
+        from (4-bit: ``quant_state.dtype``; INT8: the linear's dtype), bias kept (cast to it).
+
+        4-bit: ``bitsandbytes.functional.dequantize_4bit``; INT8: ``CB * SCB / 127``.
+        """
+        bnb = _bnb()
+        if isinstance(module, bnb.nn.Linear4bit):
+            data, state = _standard_4bit(module)
+            weight = bnb.functional.dequantize_4bit(data, state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            CB, SCB = _int8_tensors(module)
+            if CB is None or SCB is None:
+                raise ValueError("this Linear8bitLt holds no int8 weights (CB/SCB); nothing to dequantize")
+            dtype = getattr(module, "source_dtype", None) or (
+                module.bias.dtype if module.bias is not None else torch.float32)
+            weight = bnb.functional.int8_vectorwise_dequant(CB, SCB).to(dtype)
+        else:
+            raise ValueError(f"dequantize_module expects a bitsandbytes Linear4bit or Linear8bitLt, "
+                             f"got {type(module).__name__}")
+        linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.reshape(module.out_features, module.in_features))
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype=weight.dtype, copy=True))
+        return linear.to(weight.device)
+
+    # ------------------------------------------------------------------ bytes and state
+    def module_nbytes(self, module: nn.Module) -> int:
+        """Parameters and buffers plus the tensors bitsandbytes keeps outside them (the 4-bit
+        ``QuantState``; INT8 ``SCB``, which moves from the weight to ``module.state`` on the first
+        forward)."""
+        tensors = list(module.parameters()) + list(module.buffers())
+        bnb = _bnb()
+        if isinstance(module, bnb.nn.Linear4bit):
+            tensors += _quant_state_tensors(getattr(module.weight, "quant_state", None))
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            # CB is the weight's own data (bitsandbytes saves it as `weight`); only SCB is extra.
+            tensors.append(_int8_tensors(module)[1])
+        return tensor_nbytes(tensors)
+
+    def layer_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """bitsandbytes' own state dict (the keys transformers reads and writes), as plain tensors."""
+        if not self.is_quantized_module(module):
+            raise ValueError(f"layer_state_dict expects a bitsandbytes layer, got {type(module).__name__}")
+        return {k: v.detach().as_subclass(torch.Tensor) for k, v in module.state_dict().items()}
+
+    def load_layer_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+        """Fill a layer from :meth:`create_quantized_linear` (possibly on meta) with a state dict in
+        transformers' bitsandbytes format. Tensors stay where they are unless the adapter has a
+        ``device`` or the layer lives on a real device.
+
+        Raises:
+            ValueError: missing or unexpected keys, or tensors whose shape, dtype or quantization
+                settings differ from the layer's (the key is named).
+        """
+        bnb = _bnb()
+        state = dict(state)
+        if "weight" not in state:
+            raise ValueError(f"layer state has no 'weight'; keys: {sorted(state)}")
+        target = self.device or (module.weight.device if module.weight.device.type != "meta"
+                                 else state["weight"].device)
+        bias = state.pop("bias", None)
+        if (bias is None) != (module.bias is None):
+            raise ValueError(f"layer state {'lacks' if bias is None else 'has'} a 'bias' but the layer "
+                             f"{'has' if bias is None else 'has none'}")
+        if bias is not None and tuple(bias.shape) != (module.out_features,):
+            raise ValueError(f"'bias' has shape {tuple(bias.shape)}, expected ({module.out_features},)")
+        if isinstance(module, bnb.nn.Linear4bit):
+            self._load_4bit(module, state, target)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            self._load_int8(module, state, target)
+        else:
+            raise ValueError(f"load_layer_state expects a bitsandbytes layer, got {type(module).__name__}")
+        if bias is not None:
+            module.bias = nn.Parameter(bias.to(target), requires_grad=False)
+        return module
+
+    def _load_4bit(self, module: nn.Module, state: dict[str, torch.Tensor], target: torch.device) -> None:
+        bnb = _bnb()
+        weight = state.pop("weight")
+        stats = {k.removeprefix("weight."): v for k, v in state.items() if k.startswith("weight.")}
+        unexpected = sorted(k for k in state if not k.startswith("weight."))
+        if unexpected:
+            raise ValueError(f"unexpected keys in a Linear4bit state: {unexpected}")
+        expected = module.weight
+        if tuple(weight.shape) != tuple(expected.shape) or weight.dtype != expected.dtype:
+            raise ValueError(f"'weight' is {tuple(weight.shape)} {dtype_to_str(weight.dtype)}, the layer "
+                             f"expects {tuple(expected.shape)} {dtype_to_str(expected.dtype)} (packed "
+                             f"{module.out_features}x{module.in_features}, quant_storage "
+                             f"{dtype_to_str(expected.quant_storage)})")
+        try:
+            param = bnb.nn.Params4bit.from_prequantized(data=weight, quantized_stats=dict(stats),
+                                                        requires_grad=False, device=target, module=module)
+        except (ValueError, KeyError, AssertionError, TypeError) as e:
+            raise ValueError(f"the 4-bit quant state in this layer state is unreadable "
+                             f"(keys {sorted(stats)}): {type(e).__name__}: {e}") from e
+        got = param.quant_state
+        checks = (("shape", tuple(got.shape), (module.out_features, module.in_features)),
+                  ("quant_type", got.quant_type, expected.quant_type),
+                  ("blocksize", got.blocksize, expected.blocksize),
+                  ("double quantization", got.nested, bool(expected.compress_statistics)))
+        for what, value, want in checks:
+            if value != want:
+                raise ValueError(f"the layer state has {what}={value!r}, the layer was built for {want!r}")
+        blocks = -(math.prod(got.shape) // -got.blocksize)
+        if got.absmax.numel() != blocks:
+            raise ValueError(f"'weight.absmax' has {got.absmax.numel()} entries, expected {blocks}")
+        module.weight = param
+
+    def _load_int8(self, module: nn.Module, state: dict[str, torch.Tensor], target: torch.device) -> None:
+        bnb = _bnb()
+        weight = state.pop("weight")
+        if "SCB" not in state:
+            raise ValueError(f"layer state of a Linear8bitLt has no 'SCB'; keys: {sorted(state) + ['weight']}")
+        SCB = state.pop("SCB")
+        fmt = state.pop("weight_format", None)
+        if fmt is not None and int(fmt) != 0:
+            raise ValueError(f"'weight_format'={int(fmt)}; only 0 (row-major) is supported")
+        if state:
+            raise ValueError(f"unexpected keys in a Linear8bitLt state: {sorted(state)}")
+        shape = (module.out_features, module.in_features)
+        if tuple(weight.shape) != shape or weight.dtype != torch.int8:
+            raise ValueError(f"'weight' is {tuple(weight.shape)} {dtype_to_str(weight.dtype)}, expected "
+                             f"{shape} int8")
+        if tuple(SCB.shape) != (module.out_features,):
+            raise ValueError(f"'SCB' has shape {tuple(SCB.shape)}, expected ({module.out_features},)")
+        CB = weight.to(target)
+        module.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB,
+                                          SCB=SCB.to(device=target, dtype=torch.float32))
+        module.state.CB = module.state.SCB = None
+
+    # ------------------------------------------------------------------ model level
+    def mark_model(self, model: nn.Module) -> None:
+        """``is_quantized``, ``quantization_method = "bitsandbytes"`` (transformers'
+        ``QuantizationMethod.BITS_AND_BYTES``) and ``is_loaded_in_4bit`` / ``is_loaded_in_8bit``
+        for the layer types present: peft passes the last two to its bnb LoRA dispatchers."""
+        super().mark_model(model)
+        bnb = _bnb()
+        modules = list(model.modules())
+        model.is_loaded_in_4bit = any(isinstance(m, bnb.nn.Linear4bit) for m in modules)
+        model.is_loaded_in_8bit = any(isinstance(m, bnb.nn.Linear8bitLt) for m in modules)
+        model.is_quantized = True
+        model.quantization_method = "bitsandbytes"
+
+
+def _quant_state_tensors(state: Any) -> list[torch.Tensor]:
+    if state is None:
+        return []
+    tensors = [getattr(state, name, None) for name in ("absmax", "code", "offset")]
+    nested = getattr(state, "state2", None)  # bitsandbytes deletes it when it repacks for CPU
+    if nested is not None:
+        tensors += [nested.absmax, nested.code]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+def _standard_4bit(module: nn.Module):
+    """``(data, quant_state)`` of a Linear4bit in bitsandbytes' standard layout, undoing (on
+    copies) the AVX512-BF16 CPU repacking of layers built elsewhere."""
+    weight = module.weight
+    state = weight.quant_state
+    if state is None:
+        raise ValueError("this Linear4bit is not quantized (no quant_state)")
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        return _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(state))
+    return weight.data, state
+
+
+def _int8_tensors(module: nn.Module):
+    CB = getattr(module.weight, "CB", None)
+    SCB = getattr(module.weight, "SCB", None)
+    if CB is None or SCB is None:  # after the first forward bitsandbytes keeps them in module.state
+        CB = module.state.CB if module.state.CB is not None else module.weight.data
+        SCB = module.state.SCB
+    return CB, SCB

@@ -1,1 +1,459 @@
-"""(in progress)"""
+"""HQQ adapter: ``nn.Linear`` -> ``hqq.core.quantize.HQQLinear`` (Half-Quadratic Quantization).
+
+HQQ is calibration-free affine quantization in pure PyTorch (1, 2, 3, 4 or 8 bits), so it runs on
+every backend, CPU included. What this adapter adds on top of ``HQQLinear``:
+
+* **Group sizes that fit.** hqq 0.2.8 groups the *flattened* weight (``axis=1``: rows of
+  ``group_size`` consecutive elements, which may run across output rows), then packs several rows
+  of groups into one storage row: 2 for 4-bit, 4 for 2-bit, 8 for 1-bit; 3-bit packs 10 values per
+  ``int32`` and pads. So a group size fits when ``in_features * out_features`` is divisible by it
+  and the number of groups by the packing factor (``axis=0``: only the first condition).
+  :meth:`HQQAdapter.fit_group_size` halves the group size until it fits, or skips the layer.
+* **storage_dtype.** The packed weights ``W_q`` are stored as a view in ``storage_dtype`` (hqq's
+  ``view_as_float``), so FSDP can shard them with float parameters. hqq itself can only view them
+  as the compute dtype; here any storage dtype works (``uint8`` is hqq's native format, ``int32``
+  for 3-bit).
+* **Meta skeletons and plain-tensor state.** :meth:`HQQAdapter.create_quantized_linear` builds an
+  ``HQQLinear`` whose tensors have their final shapes on the meta device; the layer state is hqq's
+  own safetensors-ready state dict (every value a tensor, the same keys transformers saves), and
+  loading decodes it without hqq's ``eval`` of dtype strings.
+
+``backend_options`` (all optional; per layer through ``layer_configs`` too):
+
+* ``axis`` (``0`` or ``1``, default ``1``): the axis hqq groups along.
+* ``optimize`` (bool, default ``True``): run hqq's half-quadratic solver on the zero points;
+  ``False`` gives plain min/max rounding.
+* ``round_zero`` (bool, default hqq's: ``True`` for 4-bit only): round the zero points.
+
+Unknown keys, and the options hqq 0.2.8 ignores or cannot serialize (``quant_scale``,
+``quant_zero``, ``offload_meta``), raise ``ValueError`` when the adapter is built (and when a layer
+config reaches :meth:`HQQAdapter.quantize_linear`): a typo must not silently change what is stored.
+:meth:`HQQAdapter.check_config` reports the remaining, runnable-but-risky choices as warnings.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
+from .base import QuantizationAdapter, register_adapter, tensor_nbytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from backend_manager import Backend
+
+    from ..validation import ValidationIssue
+
+__all__ = ["HQQAdapter", "hqq_group_size_problem"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Rows of groups hqq packs into one storage row, per bit width (3-bit: 10 per int32, padded).
+_PACK_ROWS = {1: 8, 2: 4, 3: 10, 4: 2, 8: 1}
+_PACKING = {1: "1bit_u8", 2: "2bit_u8", 3: "3bit_32", 4: "4bit_u8", 8: "8bit_u8"}
+_OPTION_TYPES = {"axis": int, "optimize": bool, "round_zero": bool}
+_REJECTED_OPTIONS = {
+    "quant_scale": "hqq 0.2.8 ignores quantized scales (HQQLinear resets them) and cannot save them",
+    "quant_zero": "hqq 0.2.8 ignores quantized zero points (HQQLinear resets them) and cannot save them",
+    "offload_meta": "hqq 0.2.8 deprecates meta offloading; it needs CUDA pinned memory and cannot be saved",
+    "view_as_float": "set QuantizationConfig.storage_dtype (e.g. torch.bfloat16) instead",
+    "nbits": "set QuantizationConfig.bits instead",
+    "group_size": "set QuantizationConfig.group_size instead",
+    "compute_dtype": "set QuantizationConfig.compute_dtype instead",
+}
+#: The dtype names an hqq state dict may hold; decoded from this table, never with ``eval``.
+_STATE_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.uint8,
+                                     torch.int8, torch.int32)}
+_INT_KEYS = ("nbits", "group_size", "axis")
+_BOOL_KEYS = ("view_as_float", "quant_scale", "quant_zero", "offload_meta", "stores_quant_config",
+              "channel_wise", "optimize", "round_zero")
+_STR_KEYS = ("packing",)
+_DTYPE_KEYS = ("unpack_view_dtype", "compute_dtype")
+_TENSOR_KEYS = ("W_q", "scale", "zero")
+_REQUIRED_KEYS = _TENSOR_KEYS + _INT_KEYS + _STR_KEYS + _DTYPE_KEYS + ("shape", "view_as_float")
+
+
+@functools.cache
+def _hqq() -> ModuleType:
+    """``hqq.core.quantize``, imported on first use."""
+    try:
+        from hqq.core import quantize
+    except ImportError as e:
+        raise ImportError("HQQAdapter needs the hqq package: pip install hqq") from e
+    return quantize
+
+
+# ---------------------------------------------------------------------- options and shapes
+def _options(config: QuantizationConfig) -> dict[str, Any]:
+    """``config.backend_options`` checked against what hqq honours.
+
+    Raises:
+        ValueError: for an unknown, ignored or ill-typed option (the accepted ones are listed).
+    """
+    opts = dict(config.backend_options)
+    for key, value in opts.items():
+        if key in _REJECTED_OPTIONS:
+            raise ValueError(f"backend_options[{key!r}] is not supported by the HQQ adapter: "
+                             f"{_REJECTED_OPTIONS[key]}")
+        if key not in _OPTION_TYPES:
+            raise ValueError(f"backend_options has unknown key {key!r} for method 'hqq'; accepted: "
+                             f"{', '.join(_OPTION_TYPES)}")
+        kind = _OPTION_TYPES[key]
+        if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
+            raise ValueError(f"backend_options[{key!r}]={value!r} must be a{'n int' if kind is int else ' bool'}")
+    if opts.get("axis", 1) not in (0, 1):
+        raise ValueError(f"backend_options['axis']={opts['axis']!r} is not valid; allowed: 0, 1")
+    return opts
+
+
+def _axis(config: QuantizationConfig) -> int:
+    return config.backend_options.get("axis", 1)
+
+
+def _native_dtype(bits: int) -> torch.dtype:
+    return torch.int32 if bits == 3 else torch.uint8
+
+
+def _effective_group(config: QuantizationConfig, in_features: int, out_features: int) -> int:
+    """hqq's group size; ``None`` means one group per row (``axis=1``) or column (``axis=0``)."""
+    if config.group_size is not None:
+        return config.group_size
+    return in_features if _axis(config) == 1 else out_features
+
+
+def _packed_shape(config: QuantizationConfig, in_features: int, out_features: int) -> tuple[int, int]:
+    """Shape of hqq's packed ``W_q`` in its native dtype (uint8, int32 for 3-bit)."""
+    group = _effective_group(config, in_features, out_features)
+    groups = in_features * out_features // group
+    rows, cols = (groups, group) if _axis(config) == 1 else (group, groups)
+    pack = _PACK_ROWS[config.bits]
+    return (math.ceil(rows / 10) if config.bits == 3 else rows // pack), cols
+
+
+def hqq_group_size_problem(in_features: int, out_features: int, config: QuantizationConfig) -> str | None:
+    """Why hqq 0.2.8 cannot quantize an ``out_features x in_features`` weight with ``config``'s bits,
+    group size, axis and storage dtype; ``None`` when it can."""
+    group = _effective_group(config, in_features, out_features)
+    numel = in_features * out_features
+    if numel % group:
+        return (f"group_size={group} does not divide in_features*out_features={numel} "
+                f"(hqq groups the flattened weight)")
+    groups = numel // group
+    pack = _PACK_ROWS[config.bits]
+    if _axis(config) == 1 and config.bits != 3 and groups % pack:
+        return (f"group_size={group} gives {groups} groups; {config.bits}-bit packing needs a multiple "
+                f"of {pack}")
+    storage = config.storage_dtype
+    if storage is not None and storage != _native_dtype(config.bits):
+        cols = _packed_shape(config, in_features, out_features)[1]
+        if cols * _native_dtype(config.bits).itemsize % storage.itemsize:
+            return (f"packed rows of {cols} {dtype_to_str(_native_dtype(config.bits))} values cannot be "
+                    f"viewed as storage_dtype={dtype_to_str(storage)}")
+    return None
+
+
+def _raw_skeleton_state(config: QuantizationConfig, in_features: int, out_features: int, bias: bool,
+                        compute_dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """hqq's (decoded) state dict of an empty layer: tensors of the final shapes, uninitialized."""
+    opts = _options(config)
+    axis = _axis(config)
+    group = _effective_group(config, in_features, out_features)
+    groups = in_features * out_features // group
+    native = _native_dtype(config.bits)
+    storage = config.storage_dtype or native
+    rows, cols = _packed_shape(config, in_features, out_features)
+    cols = cols * native.itemsize // storage.itemsize
+    meta_shape = (groups, 1) if axis == 1 else (1, groups)
+    state: dict[str, Any] = {
+        "W_q": torch.empty(rows, cols, dtype=storage, device=device),
+        "scale": torch.empty(meta_shape, dtype=compute_dtype, device=device),
+        "zero": torch.empty(meta_shape, dtype=compute_dtype, device=device),
+        "nbits": config.bits, "group_size": group, "axis": axis,
+        "shape": torch.Size([out_features, in_features]),
+        "packing": _PACKING[config.bits], "unpack_view_dtype": native,
+        "view_as_float": storage != native, "quant_scale": False, "quant_zero": False,
+        "compute_dtype": compute_dtype, "offload_meta": False, "stores_quant_config": True,
+        "channel_wise": True, "optimize": opts.get("optimize", True),
+        "round_zero": opts.get("round_zero", config.bits == 4),
+    }
+    state["W_q"] = nn.Parameter(state["W_q"], requires_grad=False)
+    if bias:
+        state["bias"] = torch.empty(out_features, dtype=compute_dtype, device=device)
+    return state
+
+
+def _decode_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """hqq's encoded (all-tensor) state dict -> the values ``HQQLinear.load_state_dict`` expects
+    when ``encoded_state_dict`` is absent. Dtype names come from an allow-list, never ``eval``."""
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"HQQ layer state is missing {missing}; it holds {sorted(state)}")
+    known = set(_TENSOR_KEYS + _INT_KEYS + _BOOL_KEYS + _STR_KEYS + _DTYPE_KEYS) | {"shape", "bias",
+                                                                                     "encoded_state_dict"}
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise ValueError(f"HQQ layer state has unsupported keys {unknown} (quantized scales/zeros or "
+                         f"offloaded meta are not supported)")
+    raw: dict[str, Any] = {k: state[k] for k in _TENSOR_KEYS}
+    # HQQLinear registers W_q as a parameter; installing a plain tensor over it would fail.
+    raw["W_q"] = nn.Parameter(state["W_q"], requires_grad=False)
+    if state.get("bias") is not None:
+        raw["bias"] = state["bias"]
+    for key in _INT_KEYS:
+        raw[key] = int(state[key].item())
+    for key in _BOOL_KEYS:
+        raw[key] = bool(state[key].item()) if key in state else key in ("stores_quant_config", "channel_wise")
+    raw["packing"] = _decode_str(state["packing"])
+    for key in _DTYPE_KEYS:
+        name = _decode_str(state[key])
+        if name not in _STATE_DTYPES:
+            raise ValueError(f"HQQ layer state has {key}={name!r}; allowed: {', '.join(_STATE_DTYPES)}")
+        raw[key] = _STATE_DTYPES[name]
+    raw["shape"] = torch.Size(int(v) for v in state["shape"].tolist())
+    if _PACKING.get(raw["nbits"]) != raw["packing"]:
+        raise ValueError(f"HQQ layer state has nbits={raw['nbits']} and packing={raw['packing']!r}; "
+                         f"supported: {', '.join(f'{b}-bit {p!r}' for b, p in _PACKING.items())}")
+    if raw["quant_scale"] or raw["quant_zero"] or raw["offload_meta"]:
+        raise ValueError("HQQ layer state uses quantized scales/zeros or offloaded meta, which hqq 0.2.8 "
+                         "cannot load back faithfully; re-quantize the layer without them")
+    return raw
+
+
+def _decode_str(t: torch.Tensor) -> str:
+    return bytes(t.to(torch.uint8).tolist()).decode("ascii")
+
+
+# ---------------------------------------------------------------------- the adapter
+@register_adapter(QuantizationMethod.HQQ)
+class HQQAdapter(QuantizationAdapter):
+    """Quantizes linear layers into ``hqq.core.quantize.HQQLinear`` (1/2/3/4/8 bits).
+
+    The compute dtype (dtype of scales, zero points, bias and the matmul) is
+    ``config.compute_dtype``, else the layer's own float dtype. ``storage_dtype`` sets the dtype
+    the packed weights are stored as (see the module docstring); ``backend_options`` takes
+    ``axis``, ``optimize`` and ``round_zero``.
+
+    Raises:
+        ValueError: at construction, for ``backend_options`` hqq does not honour (in the config or
+            in any ``layer_configs`` override).
+    """
+
+    library = "hqq"
+    library_module = "hqq"
+
+    def __init__(self, config: QuantizationConfig | None = None, backend=None, *, device=None):
+        super().__init__(config, backend, device=device)
+        _options(self.config)
+        for pattern, overrides in self.config.layer_configs.items():
+            layer = self.config._merged(overrides)
+            if layer.method is QuantizationMethod.HQQ:
+                try:
+                    _options(layer)
+                except ValueError as e:
+                    raise ValueError(f"layer_configs[{pattern!r}]: {e}") from e
+
+    # ------------------------------------------------------------------ hooks
+    @classmethod
+    def quantized_module_types(cls) -> tuple[type, ...]:
+        return (_hqq().HQQLinear,)
+
+    @classmethod
+    def check_config(cls, config: QuantizationConfig, backend: "Backend") -> list["ValidationIssue"]:
+        from ..validation import Severity, ValidationIssue
+
+        issues = []
+        storage, compute = config.storage_dtype, config.compute_dtype
+        if storage in _FLOAT_DTYPES and compute is not None and storage != compute:
+            issues.append(ValidationIssue(
+                Severity.WARNING, "storage_dtype",
+                f"HQQ's packed weights are stored as a {dtype_to_str(storage)} view while compute_dtype is "
+                f"{dtype_to_str(compute)}; casting the model (model.to({dtype_to_str(compute)}), FSDP "
+                f"param_dtype={dtype_to_str(compute)}) would corrupt them, and peft's merge re-packs them "
+                f"as {dtype_to_str(compute)}.",
+                f"set storage_dtype equal to compute_dtype ({dtype_to_str(compute)})."))
+        return issues
+
+    def fit_group_size(self, in_features: int, out_features: int,
+                       config: QuantizationConfig) -> tuple[QuantizationConfig | None, str | None]:
+        """The largest of ``config.group_size`` and its halvings (multiples of 8) that hqq can
+        store for this shape (see :func:`hqq_group_size_problem`); ``(None, reason)`` if none."""
+        problem = hqq_group_size_problem(in_features, out_features, config)
+        if problem is None:
+            return config, None
+        group = config.group_size
+        candidate = group // 2 if group is not None else 0
+        while candidate >= 8 and candidate % 8 == 0:
+            adjusted = config.replace(group_size=candidate)
+            if hqq_group_size_problem(in_features, out_features, adjusted) is None:
+                return adjusted, f"{problem}; using group_size={candidate}"
+            candidate //= 2
+        return None, f"{problem}, and no smaller group size fits; layer kept in full precision"
+
+    def module_nbytes(self, module: nn.Module) -> int:
+        """W_q, bias and every tensor in hqq's ``meta`` dict (scale, zero, ...), which are neither
+        parameters nor buffers."""
+        if not self.is_quantized_module(module):
+            return super().module_nbytes(module)
+        return tensor_nbytes([module.W_q, module.bias, *_meta_tensors(module.meta or {})])
+
+    def mark_model(self, model: nn.Module) -> None:
+        super().mark_model(model)
+        model.hqq_quantized = True  # peft's prepare_model_for_kbit_training reads this flag
+
+    # ------------------------------------------------------------------ layer level
+    def _compute_dtype(self, config: QuantizationConfig, layer_dtype: torch.dtype | None) -> torch.dtype:
+        if config.compute_dtype is not None:
+            return config.compute_dtype
+        if layer_dtype in _FLOAT_DTYPES:
+            return layer_dtype
+        raise ValueError(f"HQQ computes in float32, float16 or bfloat16; the layer is {layer_dtype}. "
+                         f"Set QuantizationConfig.compute_dtype to one of them")
+
+    def _quant_config(self, config: QuantizationConfig, view_as_float: bool) -> dict[str, Any]:
+        opts = _options(config)
+        qc = _hqq().BaseQuantizeConfig(nbits=config.bits, group_size=config.group_size,
+                                       axis=_axis(config), view_as_float=view_as_float)
+        params = qc["weight_quant_params"]
+        for key in ("optimize", "round_zero"):
+            if key in opts:
+                params[key] = opts[key]
+        return qc
+
+    def _check_shape(self, in_features: int, out_features: int, config: QuantizationConfig) -> None:
+        problem = hqq_group_size_problem(in_features, out_features, config)
+        if problem is not None:
+            raise ValueError(f"HQQ cannot quantize a {out_features}x{in_features} weight at {config.bits} bits: "
+                             f"{problem}. Use HQQAdapter.fit_group_size to pick a group size that fits")
+
+    def quantize_linear(self, linear: nn.Linear, name: str | None = None, *,
+                        config: QuantizationConfig | None = None) -> nn.Module:
+        """Quantize ``linear`` (left unmodified) into an ``HQQLinear``; the bias is kept."""
+        config = self.layer_config(name, config)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"HQQAdapter.quantize_linear expects an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.device.type == "meta":
+            raise ValueError("the layer is on the meta device (no weights to quantize); use "
+                             "create_quantized_linear for an empty layer")
+        compute = self._compute_dtype(config, linear.weight.dtype)
+        self._check_shape(linear.in_features, linear.out_features, config)
+        device = self.device or linear.weight.device
+        hqq = _hqq()
+        # HQQLinear unbinds the parameters of the layer it is given: hand it a shell that shares
+        # the tensors (read-only for hqq) but not the module.
+        shell = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        shell.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        if linear.bias is not None:
+            shell.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        storage = config.storage_dtype
+        native = _native_dtype(config.bits)
+        as_view = storage is not None and storage != native
+        # hqq can only view W_q as the compute dtype; other storage dtypes are viewed here.
+        module = hqq.HQQLinear(shell, self._quant_config(config, as_view and storage == compute),
+                               del_orig=True, compute_dtype=compute, device=str(device))
+        if as_view:
+            module.W_q = nn.Parameter(module.W_q.data.view(native).view(storage), requires_grad=False)
+            module.meta["view_as_float"] = True
+            module.quant_config["weight_quant_params"]["view_as_float"] = True
+        # hqq's solver runs under inference_mode and may hand back inference tensors (the zero
+        # points), which refuse in-place updates later (loading, moving); make them ordinary.
+        for key, value in module.meta.items():
+            if isinstance(value, torch.Tensor) and value.is_inference():
+                module.meta[key] = value.clone()
+        return module
+
+    def create_quantized_linear(self, in_features: int, out_features: int, bias: bool = True, *,
+                                config: QuantizationConfig | None = None,
+                                device: torch.device | str | None = None,
+                                dtype: torch.dtype | None = None) -> nn.Module:
+        """An ``HQQLinear`` with every tensor in its final shape and dtype, uninitialized.
+
+        On ``device="meta"`` nothing is allocated; :meth:`module_nbytes` still reports the bytes the
+        filled layer will hold. Fill it with :meth:`load_layer_state`.
+        """
+        config = config or self.config
+        _options(config)
+        compute = self._compute_dtype(config, dtype or torch.float32)
+        self._check_shape(in_features, out_features, config)
+        device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
+        hqq = _hqq()
+        module = hqq.HQQLinear(None, self._quant_config(config, False), compute_dtype=compute,
+                               device=str(device), initialize=False)
+        raw = _raw_skeleton_state(config, in_features, out_features, bias, compute, device)
+        module.load_state_dict(raw)  # hqq's override: installs W_q and meta as given (no copy)
+        module.encoded_state_dict = True
+        return module
+
+    def layer_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """hqq's own safetensors-ready state dict (the keys transformers saves): every value a
+        tensor, strings and dtypes as uint8 codes, flags as 0-d tensors."""
+        if not self.is_quantized_module(module):
+            raise ValueError(f"HQQAdapter.layer_state_dict expects an HQQLinear, got {type(module).__name__}")
+        if not module.is_initialized():
+            raise ValueError("the HQQLinear holds no weights yet (created with initialize=False)")
+        module.encoded_state_dict = True
+        state = module.state_dict()
+        out = {}
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"HQQ state value {key!r} is a {type(value).__name__}, not a tensor")
+            out[key] = value.detach()
+        return out
+
+    def load_layer_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+        """Install ``state`` (from :meth:`layer_state_dict`, e.g. read from safetensors) into
+        ``module``, an ``HQQLinear`` from :meth:`create_quantized_linear`. Tensors are used as
+        given (no copy) unless the adapter's ``device`` asks to move them.
+
+        Raises:
+            ValueError: when the state does not match the module (bits, group size, shape, tensor
+                shapes) or holds keys or dtypes hqq cannot load.
+        """
+        if not self.is_quantized_module(module):
+            raise ValueError(f"HQQAdapter.load_layer_state expects an HQQLinear, got {type(module).__name__}")
+        raw = _decode_state(dict(state))
+        expected = module.meta or {}
+        for key in ("nbits", "group_size", "axis", "shape"):
+            if key in expected and expected[key] != raw[key]:
+                raise ValueError(f"HQQ layer state has {key}={raw[key]}, but the layer was built for "
+                                 f"{key}={expected[key]}; the checkpoint and the model config disagree")
+        if module.is_initialized():
+            for key in _TENSOR_KEYS:
+                want = tuple(module.W_q.shape if key == "W_q" else expected[key].shape)
+                got = tuple(raw[key].shape)
+                if key == "W_q" and raw[key].dtype != module.W_q.dtype:
+                    want = (want[0], want[1] * module.W_q.dtype.itemsize // raw[key].dtype.itemsize)
+                if got != want:
+                    raise ValueError(f"HQQ layer state tensor {key!r} has shape {got}, expected {want}")
+        if module.is_initialized() and (module.bias is not None) != ("bias" in raw):
+            raise ValueError(f"HQQ layer state {'lacks' if module.bias is not None else 'has'} a bias, "
+                             f"but the layer was built {'with' if module.bias is not None else 'without'} one")
+        device = self.device or raw["W_q"].device
+        module.compute_dtype = raw["compute_dtype"]
+        module.device = str(device)
+        module.load_state_dict(raw)
+        module.encoded_state_dict = True
+        return module
+
+    def dequantize_module(self, module: nn.Module) -> nn.Linear:
+        """An ``nn.Linear`` (compute dtype) holding ``module.dequantize()`` and the bias."""
+        if not self.is_quantized_module(module):
+            raise ValueError(f"HQQAdapter.dequantize_module expects an HQQLinear, got {type(module).__name__}")
+        weight = module.dequantize().detach()
+        out_features, in_features = weight.shape
+        linear = nn.Linear(in_features, out_features, module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().clone())
+        return linear
+
+
+def _meta_tensors(meta: dict[str, Any]):
+    for value in meta.values():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            yield from _meta_tensors(value)
