@@ -62,6 +62,14 @@ from .surgery import (
     get_quantization_plan,
     replace_linear_with_quantized,
 )
+from .serialization import (
+    CheckpointError,
+    ChecksumError,
+    load_quantized_model,
+    read_checkpoint_info,
+    save_quantized_model,
+    verify_checkpoint,
+)
 from .training import prepare_model_for_training
 from .validation import Severity, ValidationIssue, validate_quantization_config
 
@@ -114,4 +122,10 @@ __all__ = [
     "matches",
     "best_match",
     "prepare_model_for_training",
+    "save_quantized_model",
+    "load_quantized_model",
+    "verify_checkpoint",
+    "read_checkpoint_info",
+    "CheckpointError",
+    "ChecksumError",
 ]

@@ -128,6 +128,14 @@ def _layer_config(config: QuantizationConfig, layer: dict) -> QuantizationConfig
 
 
 # ------------------------------------------------------------------------------------------- save
+def _hf_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The transformers config as a dict, naming the model class so loading rebuilds the same head."""
+    data = model.config.to_dict()
+    if type(model).__module__.startswith("transformers."):
+        data["architectures"] = [type(model).__name__]
+    return data
+
+
 def _collect_tensors(model: nn.Module, plan: QuantizationPlan, config: QuantizationConfig) -> tuple[dict, dict]:
     """All tensors to save (quantized layers through their adapter) and the tied-tensor aliases."""
     tensors: dict[str, torch.Tensor] = {}
@@ -229,7 +237,7 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
         if path.suffix != ".safetensors":
             raise ValueError(f"single_file=True needs a path ending in .safetensors, got {str(path)!r}")
         if hf_config is not None and hasattr(hf_config, "to_dict"):
-            description["config"] = hf_config.to_dict()
+            description["config"] = _hf_config_dict(model)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -261,8 +269,8 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (staging / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        if hf_config is not None and hasattr(hf_config, "to_json_file"):
-            hf_config.to_json_file(str(staging / "config.json"))
+        if hf_config is not None and hasattr(hf_config, "to_dict"):
+            (staging / "config.json").write_text(json.dumps(_hf_config_dict(model), indent=2, default=str))
         for f in sorted(staging.iterdir()):
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -373,7 +381,7 @@ def _build_skeleton(path: Path, info: dict, model_config: Any) -> nn.Module:
             if "config" in info:
                 model_config = info["config"]
             elif (path / "config.json").exists():
-                model_config = transformers.AutoConfig.from_pretrained(str(path))
+                model_config = json.loads((path / "config.json").read_text())
             else:
                 raise CheckpointError(f"{path}: no config.json; pass model_config (a transformers config, a "
                                       f"dict, a callable that builds the model, or an nn.Module on meta)")

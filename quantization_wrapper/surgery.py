@@ -268,6 +268,7 @@ def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter
                     f"{layer_cfg.method.value} {layer_cfg.bits}-bit failed: {type(e).__name__}: {e}. "
                     f"The model was left unchanged."
                 ) from e
+            new.train(linear.training)  # a fresh module defaults to training mode
             model.set_submodule(name, new)
             replaced.append((name, linear))
     except BaseException:

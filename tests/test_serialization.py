@@ -1,0 +1,312 @@
+"""Save/load: bit-identical round trips per method, sharding, single file, and every corruption case."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import quantization_wrapper as qw  # noqa: E402
+from quantization_wrapper.serialization import (  # noqa: E402
+    CheckpointError,
+    ChecksumError,
+    load_quantized_model,
+    read_checkpoint_info,
+    save_quantized_model,
+    verify_checkpoint,
+)
+
+CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, vocab_size=128)
+
+CONFIGS = {
+    "bnb_nf4": dict(method="bnb_nf4"),
+    "bnb_fp4_nodq": dict(method="bnb_fp4", double_quant=False),
+    "bnb_int8": dict(method="bnb_int8"),
+    "hqq4": dict(method="hqq", bits=4, group_size=32),
+    "hqq_mixed_bits": dict(method="hqq", bits=4, group_size=32,
+                           layer_configs={"model.layers.0": {"bits": 8}, "model.layers.1.mlp": {"bits": 2, "group_size": 16}}),
+    "hqq_bf16_storage": dict(method="hqq", bits=4, group_size=32, storage_dtype="bfloat16"),
+    "quanto_int4": dict(method="quanto_int4"),
+    "quanto_int8": dict(method="quanto_int8"),
+    "mlx4": dict(method="mlx_int4", group_size=32),
+    "mlx_mixed": dict(method="mlx_int4", group_size=32, layer_configs={"model.layers.0": {"bits": 8}, "mlp": {"bits": 3}}),
+    "mixed_libraries": dict(method="hqq", bits=4, group_size=32,
+                            layer_configs={"model.layers.0.mlp": {"method": "bnb_nf4"},
+                                           "model.layers.1.self_attn": {"method": "quanto_int8"}}),
+    "none_bf16": dict(method="none", compute_dtype="bfloat16"),
+}
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**CFG)).eval()
+
+
+def quantized(config_kwargs, seed=0):
+    model = make_model(seed)
+    adapter = qw.create_quantization_adapter("cpu", qw.QuantizationConfig(**config_kwargs), strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter.quantize_model(model)
+    return model, adapter
+
+
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def tensor_bytes(model):
+    return {k: (v.dtype, tuple(v.shape), v.contiguous().view(torch.uint8).sum().item() if v.numel() else 0)
+            for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_is_bit_identical(name, tmp_path):
+    model, adapter = quantized(CONFIGS[name])
+    before = logits(model)
+    adapter.save_quantized_model(model, tmp_path / "ckpt")
+    loaded = qw.load_quantized_model(tmp_path / "ckpt")  # method read from the checkpoint
+    assert type(loaded) is LlamaForCausalLM
+    assert torch.equal(logits(loaded), before)
+    assert loaded.quantization_plan.layers == model.quantization_plan.layers
+    assert loaded.quantization_config == model.quantization_config
+    for layer in loaded.quantization_plan.converted:  # bytes held equal the recorded plan
+        module = loaded.get_submodule(layer.name)
+        assert adapter.for_method(layer.method).module_nbytes(module) == layer.bytes_after
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def test_adapter_load_checks_method(tmp_path):
+    model, adapter = quantized(CONFIGS["hqq4"])
+    adapter.save_quantized_model(model, tmp_path / "ckpt")
+    again = adapter.load_quantized_model(tmp_path / "ckpt")
+    assert torch.equal(logits(again), logits(model))
+    other = qw.create_quantization_adapter("cpu", qw.QuantizationConfig(method="bnb_nf4"))
+    with pytest.raises(CheckpointError, match="saved with method 'hqq'"):
+        other.load_quantized_model(tmp_path / "ckpt")
+
+
+def test_files_and_description(tmp_path):
+    model, _ = quantized(CONFIGS["hqq4"])
+    path = save_quantized_model(model, tmp_path / "ckpt")
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["config.json", "model.safetensors", "quantization_config.json"]
+    info = read_checkpoint_info(path)
+    assert info["format_version"] == 1 and info["quantization_config"]["method"] == "hqq"
+    assert info["libraries"]["hqq"] and info["libraries"]["torch"]
+    assert set(info["files"]) == {"config.json", "model.safetensors"}
+    assert all(len(r["sha256"]) == 64 for r in info["files"].values())
+    assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert verify_checkpoint(path) == {"config.json": "ok", "model.safetensors": "ok"}
+    assert not list(tmp_path.glob(".*tmp"))  # no staging directory left behind
+
+
+def test_sharded_save(tmp_path):
+    model, _ = quantized(CONFIGS["hqq4"])
+    path = save_quantized_model(model, tmp_path / "ckpt", max_shard_size="20KB")
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 3 and (path / "model.safetensors.index.json").exists()
+    assert all(s.stat().st_size < 20_000 + 40_000 for s in shards)  # one tensor may exceed the limit
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert torch.equal(logits(load_quantized_model(path)), logits(model))
+
+
+def test_single_file(tmp_path):
+    model, _ = quantized(CONFIGS["bnb_nf4"])
+    path = save_quantized_model(model, tmp_path / "model.safetensors", single_file=True)
+    assert path.is_file() and list(tmp_path.iterdir()) == [path]
+    assert torch.equal(logits(load_quantized_model(path)), logits(model))
+    with pytest.raises(ValueError, match="ending in .safetensors"):
+        save_quantized_model(model, tmp_path / "x.bin", single_file=True)
+
+
+@pytest.mark.parametrize("kind", ["config_object", "dict", "callable", "meta_module"])
+def test_model_config_forms(kind, tmp_path):
+    model, _ = quantized(CONFIGS["hqq4"])
+    save_quantized_model(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").unlink()  # force the caller's model_config
+    info = json.loads((tmp_path / "ckpt" / "quantization_config.json").read_text())
+    del info["files"]["config.json"]
+    (tmp_path / "ckpt" / "quantization_config.json").write_text(json.dumps(info))
+    config = LlamaConfig(**CFG)
+    given = {
+        "config_object": LlamaConfig(**CFG, architectures=["LlamaForCausalLM"]),
+        "dict": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **CFG},
+        "callable": lambda: LlamaForCausalLM(config),
+        "meta_module": None,
+    }[kind]
+    if kind == "meta_module":
+        with torch.device("meta"):
+            given = LlamaForCausalLM(config)
+    loaded = load_quantized_model(tmp_path / "ckpt", given)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_no_config_json_and_no_model_config_is_a_clear_error(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    adapter = qw.create_quantization_adapter("cpu", qw.QuantizationConfig(method="hqq", group_size=32))
+    adapter.quantize_model(model)
+    save_quantized_model(model, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="no config.json; pass model_config"):
+        load_quantized_model(tmp_path / "ckpt")
+    loaded = load_quantized_model(tmp_path / "ckpt", lambda: nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_loading_never_materializes_full_precision(tmp_path, monkeypatch):
+    """Every tensor the skeleton creates is on meta: the fp32 linear weights never exist."""
+    model, _ = quantized(CONFIGS["hqq4"])
+    save_quantized_model(model, tmp_path / "ckpt")
+    created = []
+    real_init = nn.Linear.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        created.append(self.weight.device.type)
+
+    monkeypatch.setattr(nn.Linear, "__init__", spy)
+    load_quantized_model(tmp_path / "ckpt")
+    assert created and set(created) == {"meta"}
+
+
+# ------------------------------------------------------------------------------ corruption cases
+@pytest.fixture
+def saved(tmp_path):
+    model, _ = quantized(CONFIGS["hqq4"])
+    return model, save_quantized_model(model, tmp_path / "ckpt")
+
+
+def test_truncated_file_rejected_with_name(saved):
+    _, path = saved
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ChecksumError, match="model.safetensors.*truncated"):
+        load_quantized_model(path)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_quantized_model(path, verify=False)
+
+
+def test_modified_byte_rejected(saved):
+    _, path = saved
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="model.safetensors: sha256 mismatch"):
+        load_quantized_model(path)
+
+
+def test_missing_shard(tmp_path):
+    model, _ = quantized(CONFIGS["hqq4"])
+    path = save_quantized_model(model, tmp_path / "ckpt", max_shard_size="20KB")
+    victim = sorted(path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(ChecksumError, match=f"{victim.name}.*missing"):
+        load_quantized_model(path)
+    with pytest.raises(CheckpointError, match=f"{victim.name}.*missing"):
+        load_quantized_model(path, verify=False)
+
+
+def test_future_format_version(saved):
+    _, path = saved
+    info = json.loads((path / "quantization_config.json").read_text())
+    info["format_version"] = 99
+    (path / "quantization_config.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="format_version 99 is newer"):
+        load_quantized_model(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_quantized_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no quantization_config.json"):
+        load_quantized_model(tmp_path / "empty")
+
+
+def test_plan_does_not_match_architecture(saved):
+    _, path = saved
+    wrong = dict(CFG, hidden_size=96)
+    with torch.device("meta"):
+        other = LlamaForCausalLM(LlamaConfig(**wrong))
+    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.q_proj' is 96x96 in the architecture but 64x64"):
+        load_quantized_model(path, other)
+    with torch.device("meta"):
+        deeper = LlamaForCausalLM(LlamaConfig(**dict(CFG, num_hidden_layers=3)))
+    with pytest.raises(CheckpointError, match="lacks tensors.*model.layers.2"):
+        load_quantized_model(path, deeper)
+    with torch.device("meta"):
+        shallower = LlamaForCausalLM(LlamaConfig(**dict(CFG, num_hidden_layers=1)))
+    with pytest.raises(CheckpointError, match="model.layers.1.* does not exist"):
+        load_quantized_model(path, shallower)
+
+
+def test_wrong_shape_of_unquantized_tensor(saved):
+    _, path = saved
+    with torch.device("meta"):
+        other = LlamaForCausalLM(LlamaConfig(**dict(CFG, vocab_size=130)))
+    with pytest.raises(CheckpointError, match=r"tensor '(lm_head|model.embed_tokens).weight' has shape \(128, 64\) in the checkpoint, \(130, 64\)"):
+        load_quantized_model(path, other)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(saved):
+    model, path = saved
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def crash(staging):
+        raise KeyboardInterrupt("power cut")
+
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # the new save would differ
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized_model(model, path, _before_commit=crash)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # staging cleaned
+    verify_checkpoint(path)
+
+
+def test_crash_while_writing_tensors_keeps_previous(saved, monkeypatch):
+    model, path = saved
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized_model(model, path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
+def test_overwrite_replaces_atomically(saved):
+    model, path = saved
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    save_quantized_model(model, path)
+    assert torch.equal(logits(load_quantized_model(path)), logits(model))
+
+
+def test_save_requires_a_quantized_model(tmp_path):
+    with pytest.raises(ValueError, match="no quantization plan"):
+        save_quantized_model(make_model(), tmp_path / "x")
+
+
+def test_no_pickle_in_checkpoint(saved):
+    _, path = saved
+    for f in path.iterdir():
+        assert b"\x80\x04\x95" not in f.read_bytes()[:4096]  # no pickle protocol-4 header
