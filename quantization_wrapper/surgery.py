@@ -29,6 +29,10 @@ __all__ = [
     "replace_linear_with_quantized",
     "get_quantization_plan",
     "iter_linear_layers",
+    "LayerDecision",
+    "plan_linear_layers",
+    "convert_layer",
+    "record_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -177,6 +181,132 @@ def _layer_bytes(linear: nn.Linear) -> int:
     return tensor_nbytes([linear.weight, linear.bias])
 
 
+@dataclass
+class LayerDecision:
+    """What the walker decided for one linear layer before converting anything."""
+
+    name: str
+    linear: nn.Linear
+    config: QuantizationConfig | None  # None: keep in full precision
+    reason: str | None
+
+
+def plan_linear_layers(model: nn.Module, adapter: QuantizationAdapter, skip_modules: list[str] | None = None,
+                       module_filter: Any = None) -> list[LayerDecision]:
+    """Decide, for every ``nn.Linear`` of ``model``, whether and how it will be quantized.
+
+    Applies ``skip_modules``, ``module_filter`` (then its ``validate()``), ``layer_configs`` and the
+    group-size fit; warns about skip/override patterns that matched nothing. Converts nothing, so it
+    works on a meta-device skeleton too. Used by :func:`replace_linear_with_quantized` and by the
+    streaming loader.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise ValueError("model is a single nn.Linear; use adapter.quantize_linear(layer) for one layer")
+    config: QuantizationConfig = adapter.config
+    skip = list(config.skip_modules if skip_modules is None else skip_modules)
+    for pattern in skip:
+        validate_pattern(pattern, "skip_modules")
+    module_filter = as_module_filter(module_filter)
+    if module_filter is not None:
+        module_filter.reset()
+
+    decisions: list[LayerDecision] = []
+    skip_hits: set[str] = set()
+    override_hits: set[str] = set()
+    for name, module in model.named_modules():
+        wanted = module_filter(module, name) if module_filter is not None else True
+        if not isinstance(module, nn.Linear) or is_quantized_module(module):
+            continue
+        pattern = best_match(name, skip)
+        if pattern is not None:
+            skip_hits.add(pattern)
+            decisions.append(LayerDecision(name, module, None, f"skip_modules: {pattern!r}"))
+            continue
+        if not wanted:
+            decisions.append(LayerDecision(name, module, None, "excluded by module_filter"))
+            continue
+        override = best_match(name, config.layer_configs)
+        if override is not None:
+            override_hits.add(override)
+        layer_cfg = config.for_layer(name)
+        if layer_cfg.method is QuantizationMethod.NONE and config.method is not QuantizationMethod.NONE:
+            decisions.append(LayerDecision(name, module, None, f"layer_configs[{override!r}] sets method 'none'"))
+            continue
+        target = adapter.for_method(layer_cfg.method)
+        fitted, reason = target.fit_group_size(module.in_features, module.out_features, layer_cfg)
+        if fitted is None:
+            logger.info("%s: %s", name, reason)
+        decisions.append(LayerDecision(name, module, fitted, reason))
+
+    if module_filter is not None:
+        module_filter.validate()
+    _warn_unmatched(skip, skip_hits, config, override_hits)
+    return decisions
+
+
+def convert_layer(adapter: QuantizationAdapter, decision: LayerDecision) -> nn.Module:
+    """Build the replacement module for one decided layer (empty on meta, quantized otherwise).
+
+    Raises:
+        QuantizationError: naming the layer, shape and method.
+    """
+    linear, layer_cfg = decision.linear, decision.config
+    target = adapter.for_method(layer_cfg.method)
+    try:
+        if linear.weight.device.type == "meta":
+            new = target.create_quantized_linear(linear.in_features, linear.out_features,
+                                                 linear.bias is not None, config=layer_cfg,
+                                                 device="meta", dtype=linear.weight.dtype)
+        else:
+            new = target.quantize_linear(linear, decision.name, config=layer_cfg)
+    except Exception as e:
+        raise QuantizationError(
+            f"quantizing {decision.name} ({linear.out_features}x{linear.in_features}) with "
+            f"{layer_cfg.method.value} {layer_cfg.bits}-bit failed: {type(e).__name__}: {e}. "
+            f"The model was left unchanged."
+        ) from e
+    new.train(linear.training)  # a fresh module defaults to training mode
+    return new
+
+
+def record_plan(model: nn.Module, adapter: QuantizationAdapter, decisions: list[LayerDecision]) -> QuantizationPlan:
+    """Build the plan from the decisions and the modules now installed, store it on ``model`` with
+    the config, and set the flags peft/transformers read (every library used)."""
+    config = adapter.config
+    plan = QuantizationPlan(method=config.method.value, config=config.to_dict())
+    for d in decisions:
+        linear = d.linear
+        before = _layer_bytes(linear)
+        if d.config is None:
+            plan.layers.append(LayerPlan(d.name, linear.in_features, linear.out_features, linear.bias is not None,
+                                         "none", None, None, before, before, "skipped", d.reason))
+            continue
+        target = adapter.for_method(d.config.method)
+        new = model.get_submodule(d.name)
+        bits, status = d.config.bits, "quantized"
+        if d.config.method is QuantizationMethod.NONE:  # fallback: report the float width it kept
+            bits, status = new.weight.element_size() * 8, "float"
+        plan.layers.append(LayerPlan(d.name, linear.in_features, linear.out_features, linear.bias is not None,
+                                     d.config.method.value, bits, d.config.group_size, before,
+                                     target.module_nbytes(new), status, d.reason))
+    if not plan.converted:
+        warnings.warn(f"{type(adapter).__name__}: no linear layer was quantized "
+                      f"({len(decisions)} found, all skipped); the model is unchanged", stacklevel=3)
+    previous = get_quantization_plan(model)
+    if previous is not None:  # a second pass over a partly quantized model: keep both records
+        known = {l.name for l in plan.layers}
+        plan.layers = [l for l in previous.layers if l.name not in known] + plan.layers
+    model.quantization_plan = plan
+    model.quantization_config = config
+    used = {l.method for l in plan.converted} - {config.method.value}
+    for method in sorted(used):  # flags of the other libraries first (e.g. is_loaded_in_8bit) ...
+        adapter.for_method(method).mark_model(model)
+    adapter.mark_model(model)  # ... then the main method's, which wins for shared attributes
+    return plan
+
+
 def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter,
                                   skip_modules: list[str] | None = None, module_filter: Any = None, *,
                                   progress: bool = False) -> nn.Module:
@@ -204,109 +334,22 @@ def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter
         QuantizationError: a layer failed; the model is left exactly as it was.
         ValueError: bad arguments, or a module filter whose names matched nothing.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.Linear):
-        raise ValueError("model is a single nn.Linear; use adapter.quantize_linear(layer) for one layer")
-    config: QuantizationConfig = adapter.config
-    skip = list(config.skip_modules if skip_modules is None else skip_modules)
-    for pattern in skip:
-        validate_pattern(pattern, "skip_modules")
-    module_filter = as_module_filter(module_filter)
-    if module_filter is not None:
-        module_filter.reset()
-
-    decisions: list[tuple[str, nn.Linear, QuantizationConfig | None, str | None]] = []
-    skip_hits: set[str] = set()
-    override_hits: set[str] = set()
-    for name, module in model.named_modules():
-        wanted = module_filter(module, name) if module_filter is not None else True
-        if not isinstance(module, nn.Linear) or is_quantized_module(module):
-            continue
-        pattern = best_match(name, skip)
-        if pattern is not None:
-            skip_hits.add(pattern)
-            decisions.append((name, module, None, f"skip_modules: {pattern!r}"))
-            continue
-        if not wanted:
-            decisions.append((name, module, None, "excluded by module_filter"))
-            continue
-        override = best_match(name, config.layer_configs)
-        if override is not None:
-            override_hits.add(override)
-        layer_cfg = config.for_layer(name)
-        if layer_cfg.method is QuantizationMethod.NONE and config.method is not QuantizationMethod.NONE:
-            decisions.append((name, module, None, f"layer_configs[{override!r}] sets method 'none'"))
-            continue
-        target = adapter.for_method(layer_cfg.method)
-        fitted, reason = target.fit_group_size(module.in_features, module.out_features, layer_cfg)
-        if fitted is None:
-            logger.info("%s: %s", name, reason)
-        decisions.append((name, module, fitted, reason))
-
-    if module_filter is not None:
-        module_filter.validate()
-    _warn_unmatched(skip, skip_hits, config, override_hits)
-
-    plan = QuantizationPlan(method=config.method.value, config=config.to_dict())
+    decisions = plan_linear_layers(model, adapter, skip_modules, module_filter)
     replaced: list[tuple[str, nn.Module]] = []
-    todo = [d for d in decisions if d[2] is not None]
-    bar = tqdm(todo, desc=f"quantizing ({config.method.value})", unit="layer", disable=not progress)
+    todo = [d for d in decisions if d.config is not None]
+    bar = tqdm(todo, desc=f"quantizing ({adapter.config.method.value})", unit="layer", disable=not progress)
     try:
-        for name, linear, layer_cfg, reason in bar:
-            target = adapter.for_method(layer_cfg.method)
-            try:
-                if linear.weight.device.type == "meta":
-                    new = target.create_quantized_linear(linear.in_features, linear.out_features,
-                                                         linear.bias is not None, config=layer_cfg,
-                                                         device="meta", dtype=linear.weight.dtype)
-                else:
-                    new = target.quantize_linear(linear, name, config=layer_cfg)
-            except Exception as e:
-                raise QuantizationError(
-                    f"quantizing {name} ({linear.out_features}x{linear.in_features}) with "
-                    f"{layer_cfg.method.value} {layer_cfg.bits}-bit failed: {type(e).__name__}: {e}. "
-                    f"The model was left unchanged."
-                ) from e
-            new.train(linear.training)  # a fresh module defaults to training mode
-            model.set_submodule(name, new)
-            replaced.append((name, linear))
+        for decision in bar:
+            new = convert_layer(adapter, decision)
+            model.set_submodule(decision.name, new)
+            replaced.append((decision.name, decision.linear))
     except BaseException:
         for name, original in reversed(replaced):
             model.set_submodule(name, original)
         raise
     finally:
         bar.close()
-
-    new_modules = dict(model.named_modules())
-    for name, linear, layer_cfg, reason in decisions:
-        before = _layer_bytes(linear)
-        if layer_cfg is None:
-            plan.layers.append(LayerPlan(name, linear.in_features, linear.out_features, linear.bias is not None,
-                                         "none", None, None, before, before, "skipped", reason))
-            continue
-        target = adapter.for_method(layer_cfg.method)
-        new = new_modules[name]
-        bits, status = layer_cfg.bits, "quantized"
-        if layer_cfg.method is QuantizationMethod.NONE:  # fallback: report the float width it kept
-            bits, status = new.weight.element_size() * 8, "float"
-        plan.layers.append(LayerPlan(name, linear.in_features, linear.out_features, linear.bias is not None,
-                                     layer_cfg.method.value, bits, layer_cfg.group_size, before,
-                                     target.module_nbytes(new), status, reason))
-
-    if not plan.converted:
-        warnings.warn(f"{type(adapter).__name__}: no linear layer was quantized "
-                      f"({len(decisions)} found, all skipped); the model is unchanged", stacklevel=2)
-    previous = get_quantization_plan(model)
-    if previous is not None:  # a second pass over a partly quantized model: keep both records
-        known = {l.name for l in plan.layers}
-        plan.layers = [l for l in previous.layers if l.name not in known] + plan.layers
-    model.quantization_plan = plan
-    model.quantization_config = config
-    used = {l.method for l in plan.converted} - {config.method.value}
-    for method in sorted(used):  # flags of the other libraries first (e.g. is_loaded_in_8bit) ...
-        adapter.for_method(method).mark_model(model)
-    adapter.mark_model(model)  # ... then the main method's, which wins for shared attributes
+    record_plan(model, adapter, decisions)
     return model
 
 
