@@ -68,9 +68,9 @@ def bits_per_weight(config: QuantizationConfig, in_features: int = TYPICAL_IN_FE
     if method in (M.MLX_INT4, M.MLX_INT8):
         return bits + 2 * meta_bits / group  # scale + bias per group
     if method in (M.QUANTO_INT2, M.QUANTO_INT4):
-        return bits + 32 / 128  # scale + shift per group of 128
+        return bits + 2 * meta_bits / 128  # scale + shift per group of 128
     if method in (M.QUANTO_INT8, M.QUANTO_FP8):
-        return 8 + 16 / in_features  # one scale per output row
+        return 8 + meta_bits / in_features  # one scale per output row
     dtype = config.compute_dtype or torch.float16
     return float(torch.finfo(dtype).bits)
 
