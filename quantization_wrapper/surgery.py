@@ -279,7 +279,8 @@ def record_plan(model: nn.Module, adapter: QuantizationAdapter, decisions: list[
     for d in decisions:
         linear = d.linear
         before = _layer_bytes(linear)
-        if d.config is None:
+        if d.config is None:  # kept: measure the module as it is now (the streaming loader filled it)
+            before = _layer_bytes(model.get_submodule(d.name))
             plan.layers.append(LayerPlan(d.name, linear.in_features, linear.out_features, linear.bias is not None,
                                          "none", None, None, before, before, "skipped", d.reason))
             continue

@@ -1,0 +1,360 @@
+"""From a transformers checkpoint to a quantized model in one pass, with low memory.
+
+:func:`load_and_quantize` builds the architecture with its parameters on the meta device (buffers,
+which are small, are real), then reads the checkpoint tensor by tensor and quantizes each linear
+weight as soon as it (and its bias) has arrived. At no time does more than the quantized model plus
+a few full-precision layers exist in memory.
+
+Tensors are read with positioned reads straight into their final storage, not through a memory
+map: every page of a mapped file that is touched counts in the process' resident memory until the
+file is closed, so mapping a multi-GB checkpoint would cost as much RSS as loading it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from backend_manager import Backend, detect_backend
+
+from .config import QuantizationConfig, parse_dtype
+from .surgery import LayerDecision, convert_layer, plan_linear_layers, record_plan
+
+__all__ = [
+    "SafetensorsReader",
+    "CheckpointFiles",
+    "load_and_quantize",
+    "count_checkpoint_parameters",
+    "build_empty_model",
+]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+_MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsReader:
+    """Read tensors of one ``.safetensors`` file with positioned reads (no memory map).
+
+    The header (an 8-byte little-endian length, then JSON) is parsed and checked against the
+    file size; :meth:`read` allocates the tensor and fills it in place with ``readinto``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as e:
+            raise ValueError(f"{self.path}: cannot open ({e.strerror})") from e
+        size = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(8)
+        if len(head) != 8:
+            self.close()
+            raise ValueError(f"{self.path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            self.close()
+            raise ValueError(f"{self.path}: not a safetensors file or truncated (header length {n} bytes, "
+                             f"file {size} bytes)")
+        try:
+            header = json.loads(self._file.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.close()
+            raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from e
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                begin, end = info["data_offsets"]
+                shape = tuple(int(d) for d in info["shape"])
+            except (KeyError, TypeError, ValueError) as e:
+                self.close()
+                raise ValueError(f"{self.path}: bad header entry for {name!r} ({e})") from e
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * torch.empty(0, dtype=dtype).element_size() or self._start + end > size:
+                self.close()
+                raise ValueError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong size "
+                                 f"(file truncated or corrupt)")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``name`` on the CPU (converted to ``dtype`` when given)."""
+        stored, shape, begin, end = self.entries[name]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            view = memoryview(buf.numpy())
+            got = os.preadv(self._file.fileno(), [view], self._start + begin) if hasattr(os, "preadv") else None
+            if got is None:
+                self._file.seek(self._start + begin)
+                got = self._file.readinto(view)
+            if got != end - begin:
+                raise ValueError(f"{self.path}: tensor {name!r} is truncated")
+        t = buf.view(stored).reshape(shape)
+        return t if dtype is None or dtype == stored or not stored.is_floating_point else t.to(dtype)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class CheckpointFiles:
+    """The weight files of a transformers checkpoint directory: one ``model.safetensors`` or the
+    shards named by ``model.safetensors.index.json``, validated before anything is read."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise ValueError(f"checkpoint directory not found: {self.directory}")
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map') ({e})") from e
+            self.files = [self.directory / n for n in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in self.files if not f.exists()]
+            if missing:
+                raise ValueError(f"{index} names shards that are missing: {missing}")
+            self.weight_map = dict(weight_map)
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise ValueError(f"{self.directory}: no .safetensors weights (and no model.safetensors.index.json)")
+            self.files = files
+            self.weight_map = {}
+        self.readers = [SafetensorsReader(f) for f in self.files]
+        seen: dict[str, Path] = {}
+        for reader in self.readers:
+            for key in reader.keys():
+                if key in seen:
+                    raise ValueError(f"tensor {key!r} is in both {seen[key].name} and {reader.path.name}")
+                seen[key] = reader.path
+                listed = self.weight_map.get(key)
+                if self.weight_map and listed != reader.path.name:
+                    raise ValueError(f"{index.name}: tensor {key!r} is listed in {listed!r} but stored in "
+                                     f"{reader.path.name!r}; the index does not match the shards")
+        if self.weight_map:
+            absent = sorted(set(self.weight_map) - set(seen))
+            if absent:
+                raise ValueError(f"{index.name} lists tensors no shard contains: {absent[:5]}")
+        self.location = seen
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: r.shape(k) for r in self.readers for k in r.keys()}
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def __enter__(self) -> "CheckpointFiles":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def count_checkpoint_parameters(checkpoint_dir: str | os.PathLike) -> int:
+    """Number of parameters in a checkpoint, from the safetensors headers alone."""
+    with CheckpointFiles(checkpoint_dir) as files:
+        total = 0
+        for shape in files.shapes().values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+def build_empty_model(checkpoint_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """The checkpoint's architecture (from ``config.json``) with parameters on meta, buffers real."""
+    try:
+        import transformers
+        from accelerate import init_empty_weights
+    except ImportError as e:
+        raise ImportError("load_and_quantize needs transformers and accelerate: "
+                          "pip install 'quantization-wrapper[hf]'") from e
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{path.parent}: no config.json; not a transformers checkpoint directory")
+    config = transformers.AutoConfig.from_pretrained(str(path.parent))
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    previous = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)  # as transformers' from_pretrained(dtype=...) builds models
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    elif attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        raise ValueError(f"tensor {name!r} of the checkpoint is not a parameter or buffer of the model")
+
+
+def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationConfig | None = None, *,
+                      backend: Backend | str | None = None, dtype: torch.dtype | str | None = None,
+                      workers: int | None = None, progress: bool = True, module_filter: Any = None) -> nn.Module:
+    """Load a transformers checkpoint and quantize it on the fly, never holding it in full precision.
+
+    The result equals loading the model in full precision and then calling ``quantize_model``
+    (bit-identical quantized tensors), at a fraction of the peak memory.
+
+    Args:
+        checkpoint_dir: directory with ``config.json`` and ``model.safetensors`` or sharded
+            safetensors plus ``model.safetensors.index.json``.
+        config: the quantization config; ``None`` recommends one for the backend and the number
+            of parameters in the checkpoint.
+        backend: a :class:`~backend_manager.Backend` or its string (``None``: detect).
+        dtype: dtype of the non-quantized parameters and of the weights handed to the quantizer
+            (``None``: as stored in the checkpoint).
+        workers: threads that quantize layers concurrently (``None``: 2 when the machine has at
+            least 4 cores, else 1 -- torch already uses every core inside one layer).
+        progress: show a tqdm progress bar over the tensors.
+        module_filter: as in ``quantize_model``.
+
+    Returns:
+        The quantized model (eval mode) with its ``quantization_plan``.
+
+    Raises:
+        ValueError: missing files or shards, an index that does not match the shards, or tensors
+            that do not match the architecture (named).
+    """
+    from .factory import create_quantization_adapter
+
+    checkpoint_dir = Path(checkpoint_dir)
+    dtype = parse_dtype(dtype, "dtype")
+    backend = detect_backend() if backend is None else Backend.parse(backend)
+    if workers is None:
+        workers = 2 if (os.cpu_count() or 1) >= 4 else 1
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} must be a positive int")
+    with CheckpointFiles(checkpoint_dir) as files:
+        if config is None:
+            from .recommend import get_recommended_config
+
+            size_b = count_checkpoint_parameters(checkpoint_dir) / 1e9
+            config = get_recommended_config(backend, size_b)
+        adapter = create_quantization_adapter(backend, config)
+        model = build_empty_model(checkpoint_dir, dtype)
+        decisions = {d.name: d for d in plan_linear_layers(model, adapter, module_filter=module_filter)}
+        expected = dict(model.state_dict(keep_vars=True))
+        shapes = files.shapes()
+        _check_keys(checkpoint_dir, model, expected, shapes)
+
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        jobs = []
+        bar = tqdm(total=len(shapes), desc=f"loading+quantizing ({adapter.config.method.value})", unit="tensor",
+                   disable=not progress)
+
+        def finish(decision: LayerDecision, tensors: dict[str, torch.Tensor]) -> tuple[str, nn.Module]:
+            linear = decision.linear
+            real = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+            real.weight = nn.Parameter(tensors["weight"], requires_grad=False)
+            if linear.bias is not None:
+                real.bias = nn.Parameter(tensors["bias"], requires_grad=False)
+            real.train(linear.training)
+            module = convert_layer(adapter, LayerDecision(decision.name, real, decision.config, decision.reason))
+            # The plan's "bytes before" is that of the weights as loaded; keep only their shape/dtype.
+            decisions[decision.name] = LayerDecision(
+                decision.name, nn.Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                         device="meta", dtype=real.weight.dtype), decision.config, decision.reason)
+            return decision.name, module
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for reader in files.readers:
+                for key in reader.keys():
+                    module_name, _, attr = key.rpartition(".")
+                    target_dtype = dtype if dtype is not None else None
+                    tensor = reader.read(key, target_dtype)
+                    bar.update(1)
+                    decision = decisions.get(module_name)
+                    if decision is not None and decision.config is not None and attr in ("weight", "bias"):
+                        slot = pending.setdefault(module_name, {})
+                        slot[attr] = tensor
+                        needed = {"weight", "bias"} if decision.linear.bias is not None else {"weight"}
+                        if needed <= slot.keys():
+                            jobs.append(pool.submit(finish, decision, pending.pop(module_name)))
+                            if len(jobs) >= 2 * workers:  # bound the full-precision layers in flight
+                                _install(model, jobs.pop(0).result())
+                    else:
+                        _set_tensor(model, key, tensor)
+                while jobs:
+                    _install(model, jobs.pop(0).result())
+        bar.close()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if leftovers:
+        raise ValueError(f"{checkpoint_dir}: these tensors of the architecture are not in the checkpoint: "
+                         f"{leftovers[:10]}")
+    record_plan(model, adapter, list(decisions.values()))
+    model.eval()
+    return model
+
+
+def _install(model: nn.Module, result: tuple[str, nn.Module]) -> None:
+    name, module = result
+    model.set_submodule(name, module)
+
+
+def _check_keys(checkpoint_dir: Path, model: nn.Module, expected: dict[str, torch.Tensor],
+                shapes: dict[str, tuple[int, ...]]) -> None:
+    tied = set()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out is not None:
+            tied = {n for n, p in model.named_parameters(remove_duplicate=False) if p is out.weight}
+    unexpected = sorted(set(shapes) - set(expected))
+    missing = sorted(k for k, v in expected.items() if k not in shapes and v.device.type == "meta" and k not in tied)
+    if unexpected:
+        raise ValueError(f"{checkpoint_dir}: config.json does not match the weights: tensors "
+                         f"{unexpected[:5]} are not in the architecture")
+    if missing:
+        raise ValueError(f"{checkpoint_dir}: config.json does not match the weights: the architecture needs "
+                         f"{missing[:5]}, which no shard contains")
+    for key, shape in shapes.items():
+        want = tuple(expected[key].shape)
+        if want != tuple(shape):
+            raise ValueError(f"{checkpoint_dir}: tensor {key!r} has shape {tuple(shape)} in the checkpoint, "
+                             f"{want} in the architecture described by config.json")
