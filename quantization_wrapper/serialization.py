@@ -8,8 +8,9 @@ Layout of a checkpoint directory::
     config.json                        the transformers config, when the model has one
 
 Loading builds the model skeleton on the meta device, replaces each planned layer with an empty
-quantized layer (``create_quantized_linear(device="meta")``) and fills everything from the
-memory-mapped files with ``assign=True``: the full-precision weights never exist.
+quantized layer (``create_quantized_linear(device="meta")``) and fills everything with
+``assign=True`` from tensors read straight into their final storage (positioned reads, no memory
+map, so resident memory stays at the quantized size): the full-precision weights never exist.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 
 from .adapters.base import QuantizationAdapter, get_adapter_class
 from .config import QuantizationConfig, QuantizationMethod
+from .loading import SafetensorsReader
 from .surgery import QuantizationPlan, get_quantization_plan
 
 __all__ = [
@@ -418,8 +420,6 @@ def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, d
     Raises:
         CheckpointError / ChecksumError: naming the file or key that is wrong.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     info = read_checkpoint_info(path)
     if verify:
@@ -452,19 +452,20 @@ def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, d
         handles = {}
         for f in files:
             try:
-                handle = stack.enter_context(safe_open(str(f), framework="pt", device=str(device)))
-            except Exception as e:
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
-            for key in handle.keys():
-                handles[key] = handle
+                reader = stack.enter_context(SafetensorsReader(f))
+            except ValueError as e:
+                raise CheckpointError(str(e)) from e
+            for key in reader.keys():
+                handles[key] = reader
 
         def take(key: str) -> torch.Tensor:
             try:
-                return handles.pop(key).get_tensor(key)
+                tensor = handles.pop(key).read(key)
             except KeyError:
                 raise CheckpointError(f"{path}: tensor {key!r} is missing from the checkpoint") from None
             except Exception as e:
                 raise CheckpointError(f"{path}: tensor {key!r} could not be read ({e})") from e
+            return tensor if device.type == "cpu" else tensor.to(device)
 
         for layer in plan.layers:
             if layer.status == "skipped":
