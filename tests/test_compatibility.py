@@ -29,7 +29,7 @@ DEPARTURES = {(Backend.CPU, m) for m in ("BNB_NF4", "BNB_INT8", "MLX_INT4", "MLX
 
 def test_doc_is_rendered_from_the_data():
     assert DOC.read_text(encoding="utf-8") == render_compatibility_markdown(), (
-        "docs/compatibility.md is stale: run `python -m quantization_wrapper.compatibility`"
+        "docs/compatibility.md is stale: run `python scripts/render_compatibility.py`"
     )
 
 
