@@ -81,6 +81,7 @@ class MethodSpec:
     group_sizes: tuple[int, ...] | None  # None: any positive group size
     default_group_size: int | None
     description: str
+    library_required: bool = True  # False: a pure-torch path works without the library
 
 
 # bitsandbytes block sizes for 4-bit: powers of two it has kernels for.
@@ -96,9 +97,9 @@ METHOD_SPECS: dict[QuantizationMethod, MethodSpec] = {
     QuantizationMethod.HQQ: MethodSpec("hqq", (1, 2, 3, 4, 8), 4, None, 64,
                                        "Half-Quadratic Quantization, calibration-free affine"),
     QuantizationMethod.MLX_INT4: MethodSpec("mlx", (2, 3, 4, 5, 6, 8), 4, (32, 64, 128), 64,
-                                            "MLX affine packed format (mx.quantize)"),
+                                            "MLX affine packed format (mx.quantize)", library_required=False),
     QuantizationMethod.MLX_INT8: MethodSpec("mlx", (2, 3, 4, 5, 6, 8), 8, (32, 64, 128), 64,
-                                            "MLX affine packed format, 8-bit"),
+                                            "MLX affine packed format, 8-bit", library_required=False),
     QuantizationMethod.QUANTO_INT2: MethodSpec("optimum-quanto", (2,), 2, None, 128,
                                                "optimum-quanto qint2 weights"),
     QuantizationMethod.QUANTO_INT4: MethodSpec("optimum-quanto", (4,), 4, None, 128,

@@ -15,7 +15,7 @@ import torch
 from backend_manager import Backend, get_library_status
 
 from .compatibility import FALLBACK_CHAINS, get_support, method_library
-from .config import QuantizationConfig, QuantizationMethod, dtype_to_str
+from .config import METHOD_SPECS, QuantizationConfig, QuantizationMethod, dtype_to_str
 
 __all__ = ["Severity", "ValidationIssue", "validate_quantization_config", "errors_only"]
 
@@ -75,8 +75,12 @@ def _method_issues(method: QuantizationMethod, backend: Backend, where: str) -> 
         status = get_library_status(library, backend)
         if not status.usable:
             what = "not installed" if not status.installed else "installed but not usable here"
-            return [_error(field, f"{method.value} needs {library}, which is {what}"
-                                  + (f" ({status.reason})." if status.reason else "."),
+            detail = f" ({status.reason})." if status.reason else "."
+            if not METHOD_SPECS[method].library_required:
+                return [_warning(field, f"{library} is {what}{detail} {method.value} runs on its pure-torch "
+                                        f"path (same numbers, no {library} kernels).",
+                                 f"{status.install_hint} for the {library} kernels.")]
+            return [_error(field, f"{method.value} needs {library}, which is {what}{detail}",
                            f"{status.install_hint}, or pick another method.")]
     from .adapters.base import ADAPTER_REGISTRY
 

@@ -105,7 +105,8 @@ def is_quantized_module(module: nn.Module) -> bool:
     exist before the library is imported, and asking must not import anything.
     """
     for cls in set(ADAPTER_REGISTRY.values()):
-        if cls.library_module and cls.library_module not in sys.modules:
+        types_module = cls.types_module or cls.library_module
+        if types_module and types_module not in sys.modules:
             continue
         if cls.quantized_module_types() and isinstance(module, cls.quantized_module_types()):
             return True
@@ -115,8 +116,9 @@ def is_quantized_module(module: nn.Module) -> bool:
 class QuantizationAdapter(ABC):
     """Base class of the backend adapters.
 
-    Subclasses set ``library`` (the name ``backend_manager`` knows it by), ``library_module`` (the
-    top-level import name, to check ``sys.modules`` cheaply), and implement the three layer-level
+    Subclasses set ``library`` (the name ``backend_manager`` knows it by), ``library_module`` (its
+    import name, to check ``sys.modules`` cheaply; ``types_module`` when the quantized layer class
+    lives elsewhere), and implement the three layer-level
     operations: :meth:`quantize_linear`, :meth:`create_quantized_linear`, :meth:`dequantize_module`.
     Model-level operations (:meth:`quantize_model`, training preparation, save/load) are shared.
 
@@ -130,6 +132,9 @@ class QuantizationAdapter(ABC):
     methods: ClassVar[tuple[QuantizationMethod, ...]] = ()
     library: ClassVar[str | None] = None
     library_module: ClassVar[str | None] = None
+    # Where the quantized layer classes are defined, when not in the library itself (checked in
+    # sys.modules before isinstance tests, so that asking never imports a library).
+    types_module: ClassVar[str | None] = None
 
     def __init__(self, config: QuantizationConfig | None = None, backend: Backend | str | None = None,
                  *, device: torch.device | str | None = None):
