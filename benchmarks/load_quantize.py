@@ -27,6 +27,15 @@ OURS = {
     "hqq": "dict(method='hqq', bits=4, group_size=64)",
     "mlx_int4": "dict(method='mlx_int4', bits=4, group_size=64)",
 }
+# Imported before the baseline is taken, so times and RSS measure the work, not the import.
+LIBRARY = {"bnb_nf4": "bitsandbytes", "bnb_int8": "bitsandbytes", "quanto_int4": "optimum.quanto",
+           "hqq": "hqq.core.quantize", "mlx_int4": "mlx.core"}
+
+
+def prelude(method: str) -> str:
+    return CHILD_PRELUDE.replace("baseline = rss()", f"import {LIBRARY[method]}\nbaseline = rss()")
+
+
 PEER = {
     "bnb_nf4": "transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
                "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)",
@@ -46,7 +55,7 @@ def model_bytes(model):
 
 
 def ours_stream(ckpt: Path, method: str) -> dict:
-    return run_child(CHILD_PRELUDE + MODEL_BYTES + f"""
+    return run_child(prelude(method) + MODEL_BYTES + f"""
 from quantization_wrapper import QuantizationConfig
 from quantization_wrapper.loading import load_and_quantize
 config = QuantizationConfig(**{OURS[method]})
@@ -58,7 +67,7 @@ report(seconds=seconds, peak_rss=peak(), baseline_rss=baseline, size_gb=model_by
 
 
 def ours_full_then_quantize(ckpt: Path, method: str) -> dict:
-    return run_child(CHILD_PRELUDE + MODEL_BYTES + f"""
+    return run_child(prelude(method) + MODEL_BYTES + f"""
 from quantization_wrapper import QuantizationConfig, create_quantization_adapter
 config = QuantizationConfig(**{OURS[method]})
 start = time.perf_counter()
@@ -70,7 +79,7 @@ report(seconds=seconds, peak_rss=peak(), baseline_rss=baseline, size_gb=model_by
 
 
 def peer_transformers(ckpt: Path, method: str) -> dict:
-    return run_child(CHILD_PRELUDE + f"""
+    return run_child(prelude(method) + f"""
 qc = {PEER[method]}
 start = time.perf_counter()
 model = transformers.AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, dtype=torch.bfloat16, quantization_config=qc, device_map='cpu')
@@ -80,14 +89,14 @@ report(seconds=seconds, peak_rss=peak(), baseline_rss=baseline, size_gb=model.ge
 
 
 def save_then_load(ckpt: Path, method: str, out: Path) -> dict:
-    run_child(CHILD_PRELUDE + f"""
+    run_child(prelude(method) + f"""
 from quantization_wrapper import QuantizationConfig, save_quantized_model
 from quantization_wrapper.loading import load_and_quantize
 model = load_and_quantize({str(ckpt)!r}, QuantizationConfig(**{OURS[method]}), dtype=torch.bfloat16, progress=False)
 save_quantized_model(model, {str(out)!r})
 report(ok=True)
 """)
-    return run_child(CHILD_PRELUDE + MODEL_BYTES + f"""
+    return run_child(prelude(method) + MODEL_BYTES + f"""
 from quantization_wrapper import load_quantized_model
 start = time.perf_counter()
 model = load_quantized_model({str(out)!r})

@@ -83,6 +83,9 @@ def _bnb():
                           "`pip install 'bitsandbytes>=0.48'` (CPU support needs >= 0.48)") from e
     finally:
         cpu_ops_logger.removeFilter(quiet)
+    # LLM.int8() logs "inputs will be cast ... to float16" on *every* forward with non-fp16 inputs;
+    # say it once per process instead of flooding training logs.
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once("inputs will be cast"))
     return bitsandbytes
 
 
@@ -93,6 +96,18 @@ class _DropRecords(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.needle not in str(record.msg)
+
+
+class _Once(logging.Filter):
+    def __init__(self, needle: str):
+        super().__init__()
+        self.needle, self.seen = needle, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.needle not in str(record.msg):
+            return True
+        first, self.seen = not self.seen, True
+        return first
 
 
 def _option_problems(config: QuantizationConfig) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:

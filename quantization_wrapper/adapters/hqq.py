@@ -87,6 +87,30 @@ def _hqq() -> ModuleType:
     return quantize
 
 
+@functools.cache
+def _layer_class() -> type:
+    """``HQQLinear`` that accepts inputs of any float dtype: it computes in its compute dtype and
+    returns the input's dtype, like bitsandbytes' layers (hqq's own forward raises on a mismatch,
+    e.g. an fp32 model quantized with ``compute_dtype=torch.bfloat16``). peft's HQQ dispatch
+    checks ``isinstance(layer, HQQLinear)``, which this subclass satisfies."""
+    base = _hqq().HQQLinear
+
+    class DtypeSafeHQQLinear(base):
+        @classmethod
+        def set_backend(cls, backend: Any) -> None:
+            # hqq installs the backend's forward on the class it is called on (HQQLinear.__init__
+            # calls it): keep it on hqq's class so our forward below stays in front of it.
+            base.set_backend.__func__(base, backend)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dtype == self.compute_dtype:
+                return super().forward(x)
+            return super().forward(x.to(self.compute_dtype)).to(x.dtype)
+
+    DtypeSafeHQQLinear.__qualname__ = DtypeSafeHQQLinear.__name__ = "HQQLinear"
+    return DtypeSafeHQQLinear
+
+
 # ---------------------------------------------------------------------- options and shapes
 def _options(config: QuantizationConfig) -> dict[str, Any]:
     """``config.backend_options`` checked against what hqq honours.
@@ -352,7 +376,7 @@ class HQQAdapter(QuantizationAdapter):
         native = _native_dtype(config.bits)
         as_view = storage is not None and storage != native
         # hqq can only view W_q as the compute dtype; other storage dtypes are viewed here.
-        module = hqq.HQQLinear(shell, self._quant_config(config, as_view and storage == compute),
+        module = _layer_class()(shell, self._quant_config(config, as_view and storage == compute),
                                del_orig=True, compute_dtype=compute, device=str(device))
         if as_view:
             module.W_q = nn.Parameter(module.W_q.data.view(native).view(storage), requires_grad=False)
@@ -380,7 +404,7 @@ class HQQAdapter(QuantizationAdapter):
         self._check_shape(in_features, out_features, config)
         device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
         hqq = _hqq()
-        module = hqq.HQQLinear(None, self._quant_config(config, False), compute_dtype=compute,
+        module = _layer_class()(None, self._quant_config(config, False), compute_dtype=compute,
                                device=str(device), initialize=False)
         raw = _raw_skeleton_state(config, in_features, out_features, bias, compute, device)
         module.load_state_dict(raw)  # hqq's override: installs W_q and meta as given (no copy)

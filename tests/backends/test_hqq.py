@@ -443,3 +443,20 @@ def test_peft_wraps_hqq_layers_and_lora_trains(tiny_model):
     after = {n.removeprefix("base_model.model.").replace(".base_layer", ""): m.W_q
              for n, m in model.named_modules() if isinstance(m, HQQLinear)}
     assert after.keys() == frozen.keys() and all(torch.equal(after[n], frozen[n]) for n in frozen)
+
+
+def test_input_dtype_other_than_compute_dtype():
+    """An fp32 model quantized with compute_dtype=bfloat16: the layer computes in bf16 and returns
+    fp32, instead of hqq's own dtype-mismatch error."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    adapter = HQQAdapter(QuantizationConfig(method="hqq", bits=4, group_size=64, compute_dtype=torch.bfloat16), "cpu")
+    layer = adapter.quantize_linear(linear)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        out = layer(x)
+        same = layer(x.to(torch.bfloat16))
+    assert out.dtype is torch.float32 and same.dtype is torch.bfloat16
+    assert torch.equal(out, same.float())
+    rel = ((out - linear(x)).norm() / linear(x).norm()).item()
+    assert rel < 0.1
