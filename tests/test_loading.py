@@ -1,0 +1,162 @@
+"""load_and_quantize: streaming equals full-load-then-quantize, with specific errors for bad checkpoints."""
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import quantization_wrapper as qw  # noqa: E402
+from quantization_wrapper.loading import (  # noqa: E402
+    SafetensorsReader,
+    count_checkpoint_parameters,
+    load_and_quantize,
+)
+
+CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, vocab_size=128)
+METHODS = {
+    "bnb_nf4": dict(method="bnb_nf4"),
+    "bnb_int8": dict(method="bnb_int8"),
+    "hqq_mixed": dict(method="hqq", bits=4, group_size=32, layer_configs={"model.layers.0": {"bits": 8}}),
+    "quanto_int4": dict(method="quanto_int4"),
+    "quanto_int8": dict(method="quanto_int8"),
+    "mlx4": dict(method="mlx_int4", group_size=32),
+    "none": dict(method="none"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(LlamaConfig(**CFG)).to(torch.bfloat16).save_pretrained(path, max_shard_size="40KB")
+    assert len(list(path.glob("model-*.safetensors"))) > 2
+    return path
+
+
+def reference(checkpoint, config):
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qw.create_quantization_adapter("cpu", config).quantize_model(model)
+    return model
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_equals_full_load_then_quantize(checkpoint, name):
+    config = qw.QuantizationConfig(**METHODS[name])
+    ref = reference(checkpoint, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = load_and_quantize(checkpoint, config, dtype="bfloat16", progress=False)
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert got.quantization_plan.layers == ref.quantization_plan.layers
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, got(ids).logits)
+    assert not got.training
+
+
+def test_stored_dtype_kept_when_dtype_is_none(checkpoint):
+    model = load_and_quantize(checkpoint, qw.QuantizationConfig(method="hqq", group_size=32), progress=False)
+    assert model.model.embed_tokens.weight.dtype is torch.bfloat16
+    assert model.quantization_plan["model.layers.0.mlp.up_proj"].bytes_before == 64 * 128 * 2
+
+
+def test_default_config_is_recommended(checkpoint, fresh_detection, monkeypatch):
+    monkeypatch.setenv("QUANTIZATION_WRAPPER_BACKEND", "cpu")
+    model = load_and_quantize(checkpoint, progress=False)
+    assert model.quantization_config.method is not None
+    assert count_checkpoint_parameters(checkpoint) == sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**CFG)).parameters())
+
+
+def test_progress_bar_and_workers(checkpoint, capsys):
+    load_and_quantize(checkpoint, qw.QuantizationConfig(method="hqq", group_size=32), workers=2, progress=True)
+    assert "loading+quantizing (hqq)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers=0"):
+        load_and_quantize(checkpoint, qw.QuantizationConfig(method="hqq"), workers=0)
+
+
+def copy_of(checkpoint, tmp_path):
+    out = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, out)
+    return out
+
+
+def test_missing_shard(checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    victim = sorted(path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(ValueError, match=f"names shards that are missing: \\['{victim.name}'\\]"):
+        load_and_quantize(path, qw.QuantizationConfig(method="hqq"), progress=False)
+
+
+def test_index_that_does_not_match_the_shards(checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    key = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][key] = shards[1]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"{key!r} is listed in '{shards[1]}' but stored in '{shards[0]}'"):
+        load_and_quantize(path, qw.QuantizationConfig(method="hqq"), progress=False)
+    index_path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid safetensors index"):
+        load_and_quantize(path, qw.QuantizationConfig(method="hqq"), progress=False)
+
+
+def test_config_that_does_not_match_the_tensors(checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mlp.down_proj.weight' has shape \(64, 128\) in the checkpoint, \(64, 96\)"):
+        load_and_quantize(path, qw.QuantizationConfig(method="hqq"), progress=False)
+    config["intermediate_size"], config["num_hidden_layers"] = 128, 3
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="architecture needs.*model.layers.2"):
+        load_and_quantize(path, qw.QuantizationConfig(method="hqq"), progress=False)
+    config["num_hidden_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model.layers.1.*are not in the architecture"):
+        load_and_quantize(path, qw.QuantizationConfig(method="hqq"), progress=False)
+
+
+def test_truncated_shard_named(checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    shard = sorted(path.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=f"{shard.name}.*(truncated|outside the file)"):
+        load_and_quantize(path, qw.QuantizationConfig(method="hqq"), progress=False)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_and_quantize(tmp_path / "nope", qw.QuantizationConfig(method="hqq"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .safetensors weights"):
+        load_and_quantize(tmp_path / "empty", qw.QuantizationConfig(method="hqq"))
+
+
+def test_reader_matches_safetensors(checkpoint):
+    from safetensors.torch import load_file
+
+    for shard in sorted(checkpoint.glob("model-*.safetensors")):
+        expected = load_file(shard)
+        with SafetensorsReader(shard) as reader:
+            assert sorted(reader.keys()) == sorted(expected)
+            for key, value in expected.items():
+                assert torch.equal(reader.read(key), value)
+                assert reader.read(key, torch.float32).dtype is torch.float32
