@@ -72,7 +72,8 @@ def test_missing_library_moves_to_next_usable(registry, monkeypatch):
     # MLX_INT4 on CUDA -> HQQ 4-bit keeping the group size (the design's example)
     register_adapter("hqq")(RowInt8Adapter)
     monkeypatch.setattr(factory, "validate_quantization_config", _matrix_only_validation)
-    adapter = create_quantization_adapter("cuda", QuantizationConfig(method="mlx_int4", group_size=32))
+    with pytest.warns(QuantizationFallbackWarning, match="mlx_int4 .4-bit. cannot run on cuda.*Using hqq .4-bit."):
+        adapter = create_quantization_adapter("cuda", QuantizationConfig(method="mlx_int4", group_size=32))
     assert (adapter.config.method, adapter.config.bits, adapter.config.group_size) == (QuantizationMethod.HQQ, 4, 32)
 
 
