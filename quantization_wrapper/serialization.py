@@ -131,11 +131,66 @@ def _layer_config(config: QuantizationConfig, layer: dict) -> QuantizationConfig
 
 # ------------------------------------------------------------------------------------------- save
 def _hf_config_dict(model: nn.Module) -> dict[str, Any]:
-    """The transformers config as a dict, naming the model class so loading rebuilds the same head."""
+    """The transformers config as a dict, naming the model class so loading rebuilds the same head,
+    with the peers' quantization entries (see :func:`_interop`)."""
     data = model.config.to_dict()
+    data.pop("quantization_config", None)
     if type(model).__module__.startswith("transformers."):
         data["architectures"] = [type(model).__name__]
+    data.update(_interop(model)[0])
     return data
+
+
+def _interop(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the peers' own loaders read, so our checkpoints open with them too.
+
+    Returns ``(config.json additions, extra JSON files)``:
+
+    * all layers bitsandbytes 4-bit (one quant type) or all INT8: ``quantization_config`` as
+      transformers writes it; with our tensor names (the ones transformers uses),
+      ``AutoModelForCausalLM.from_pretrained(path)`` loads the checkpoint;
+    * MLX layers: mlx-lm's ``quantization`` entry ({group_size, bits} plus per-layer exceptions);
+    * optimum-quanto layers: ``quantization_map.json`` for ``optimum.quanto.requantize``.
+    """
+    plan = get_quantization_plan(model)
+    converted = plan.converted if plan is not None else []
+    methods = {layer.method for layer in converted}
+    additions: dict[str, Any] = {}
+    files: dict[str, Any] = {}
+    if len(methods) == 1 and methods <= {"bnb_nf4", "bnb_fp4", "bnb_int8"}:
+        bnb = _transformers_bnb_config(model, next(iter(methods)), plan)
+        if bnb is not None:
+            additions["quantization_config"] = bnb
+    if methods & {"mlx_int4", "mlx_int8"}:
+        from .adapters.mlx import mlx_lm_quantization_config
+
+        additions["quantization"] = mlx_lm_quantization_config(model)
+    quanto = [l.name for l in converted if l.method.startswith("quanto_")]
+    if quanto:
+        from .adapters.quanto import QuantoAdapter
+
+        files["quantization_map.json"] = {name: QuantoAdapter.quantization_map_entry(model.get_submodule(name))
+                                          for name in quanto}
+    return additions, files
+
+
+def _transformers_bnb_config(model: nn.Module, method: str, plan: QuantizationPlan) -> dict[str, Any] | None:
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError:  # without transformers there is no peer to be compatible with
+        return None
+    skipped = [l.name for l in plan.skipped]
+    if method == "bnb_int8":
+        module = model.get_submodule(plan.converted[0].name)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=module.state.threshold,
+                                  llm_int8_skip_modules=skipped).to_dict()
+    module = model.get_submodule(plan.converted[0].name)
+    state = module.weight.quant_state
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=state.quant_type,
+        bnb_4bit_use_double_quant=state.nested, bnb_4bit_compute_dtype=module.compute_dtype or torch.float32,
+        bnb_4bit_quant_storage=module.weight.quant_storage, llm_int8_skip_modules=skipped,
+    ).to_dict()
 
 
 def _collect_tensors(model: nn.Module, plan: QuantizationPlan, config: QuantizationConfig) -> tuple[dict, dict]:
@@ -273,6 +328,8 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if hf_config is not None and hasattr(hf_config, "to_dict"):
             (staging / "config.json").write_text(json.dumps(_hf_config_dict(model), indent=2, default=str))
+        for name, content in _interop(model)[1].items():
+            (staging / name).write_text(json.dumps(content, indent=2))
         for f in sorted(staging.iterdir()):
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -388,7 +445,7 @@ def _build_skeleton(path: Path, info: dict, model_config: Any) -> nn.Module:
                 raise CheckpointError(f"{path}: no config.json; pass model_config (a transformers config, a "
                                       f"dict, a callable that builds the model, or an nn.Module on meta)")
         if isinstance(model_config, dict):
-            data = dict(model_config)
+            data = {k: v for k, v in model_config.items() if k not in ("quantization_config", "quantization")}
             model_type = data.pop("model_type", None)
             if model_type is None:
                 raise CheckpointError("model_config dict needs a 'model_type' key (e.g. 'llama')")
