@@ -129,3 +129,34 @@ __all__ = [
     "CheckpointError",
     "ChecksumError",
 ]
+
+# QLoRA and FSDP glue (peft and torch.distributed are imported only when used).
+from .fsdp import FSDP_SUPPORT, apply_fsdp, fsdp_quantized_bytes, save_lora_adapter  # noqa: E402
+from .peft_integration import install_peft_integration, load_lora_adapter, prepare_lora_config  # noqa: E402
+from .training import merge_lora  # noqa: E402
+
+__all__ += [
+    "merge_lora",
+    "prepare_lora_config",
+    "install_peft_integration",
+    "load_lora_adapter",
+    "apply_fsdp",
+    "save_lora_adapter",
+    "fsdp_quantized_bytes",
+    "FSDP_SUPPORT",
+]
+
+# The peers' native checkpoints (mlx-lm / MLX, hqq), also read by load_quantized_model.
+from .native_formats import (  # noqa: E402
+    detect_native_format,
+    load_hqq_checkpoint,
+    load_mlx_checkpoint,
+    load_native_checkpoint,
+)
+
+__all__ += [
+    "detect_native_format",
+    "load_native_checkpoint",
+    "load_mlx_checkpoint",
+    "load_hqq_checkpoint",
+]

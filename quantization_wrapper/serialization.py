@@ -382,12 +382,18 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
         if "quantization_wrapper" not in meta:
-            raise CheckpointError(f"{path}: safetensors file has no quantization-wrapper description in its metadata")
+            from .native_formats import ACCEPTED_FORMATS
+
+            raise CheckpointError(f"{path}: safetensors file has no quantization-wrapper description in its metadata "
+                                  f"(nor MLX-quantized tensors); accepted: {ACCEPTED_FORMATS}")
         info = json.loads(meta["quantization_wrapper"])
     else:
         desc = path / QUANT_CONFIG_NAME
         if not desc.exists():
-            raise CheckpointError(f"{path}: no {QUANT_CONFIG_NAME}; not a quantization-wrapper checkpoint")
+            from .native_formats import ACCEPTED_FORMATS
+
+            raise CheckpointError(f"{path}: no {QUANT_CONFIG_NAME}; not a quantization-wrapper checkpoint, nor a "
+                                  f"native format this package reads; accepted: {ACCEPTED_FORMATS}")
         try:
             info = json.loads(desc.read_text())
         except json.JSONDecodeError as e:
@@ -462,6 +468,9 @@ def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, d
                          expected_methods: Iterable[QuantizationMethod] | None = None) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized_model`; the method is read from it.
 
+    The peers' own formats load too (mlx-lm directories, MLX ``.npz``/``.safetensors`` files, hqq's
+    ``save_quantized`` directories and ``.pt`` layer states): see :mod:`quantization_wrapper.native_formats`.
+
     Args:
         path: the checkpoint directory or single ``.safetensors`` file.
         model_config: how to build the architecture: ``None`` (the saved ``config.json``), a
@@ -478,6 +487,12 @@ def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, d
         CheckpointError / ChecksumError: naming the file or key that is wrong.
     """
     path = Path(path)
+    if path.exists() and not (path / QUANT_CONFIG_NAME).exists():  # not ours: maybe mlx-lm's or hqq's own
+        from .native_formats import detect_native_format, load_native_checkpoint
+
+        if detect_native_format(path) is not None:
+            return load_native_checkpoint(path, model_config, device=device, backend=backend,
+                                          expected_methods=expected_methods)
     info = read_checkpoint_info(path)
     if verify:
         verify_checkpoint(path)

@@ -288,6 +288,10 @@ class QuantizationAdapter(ABC):
         """Set the attributes peft and transformers read on a quantized model."""
         model.is_quantized = True
         model.quantization_method = self.config.method.value
+        if "peft" in sys.modules:  # teach peft the LoRA layers it lacks (never imports peft itself)
+            from ..peft_integration import install_peft_integration
+
+            install_peft_integration()
 
     def prepare_model_for_training(self, model: nn.Module, *, gradient_checkpointing: bool = True,
                                    use_reentrant: bool = False) -> nn.Module:

@@ -1,0 +1,355 @@
+"""peft integration: LoRA on every quantized layer type this package produces.
+
+What peft 0.21 does by itself, per layer type:
+
+* bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: its own LoRA layers, chosen when the model has
+  ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` (set by the adapter's ``mark_model``).
+* hqq ``HQQLinear``: its own ``HqqLoraLinear``; but ``target_modules="all-linear"`` misses the
+  layers, because ``HQQLinear`` is not an ``nn.Linear``.
+* optimum-quanto ``QLinear``: no quanto layer in peft; ``QLinear`` subclasses ``nn.Linear``, so
+  peft wraps it in its plain ``lora.Linear``. Training is right, but ``merge_and_unload`` adds the
+  LoRA delta to the quantized tensor's storage and silently corrupts the layer (measured: 0.86
+  absolute output error on a 64x64 layer).
+* :class:`~quantization_wrapper.adapters.mlx.MLXQuantizedLinear`: unknown to peft (not an
+  ``nn.Linear``): ``get_peft_model`` raises "Target module ... is not supported".
+
+This module fills the gaps through peft's own extension points:
+
+* :func:`lora_custom_modules` maps quanto's ``QLinear`` and ``MLXQuantizedLinear`` to
+  :class:`QuantizedLoraLinear` (peft's ``lora.Linear`` whose merge/unmerge dequantize, add the
+  delta and re-quantize with the layer's own settings), for ``LoraConfig._register_custom_module``.
+* :func:`prepare_lora_config` registers those modules on a ``LoraConfig`` and widens
+  ``target_modules="all-linear"`` to the quantized layers that are not ``nn.Linear`` (HQQ, MLX),
+  leaving out the output embedding as peft does.
+* :func:`install_peft_integration` makes plain ``peft.get_peft_model`` / ``PeftModel.from_pretrained``
+  do the same: it wraps peft's ``_maybe_include_all_linear_layers``, which every LoRA injection
+  calls with the config and the model, so the custom modules are registered again whenever an
+  adapter is created or loaded. ``prepare_model_for_training`` installs it; so does any adapter's
+  ``mark_model`` once peft is imported. :func:`load_lora_adapter` does not need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .adapters.base import ADAPTER_REGISTRY, QuantizationAdapter, is_quantized_module
+from .config import QuantizationConfig, QuantizationMethod
+from .training import adapter_class_for_module
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peft import LoraConfig, PeftModel
+
+__all__ = [
+    "QuantizedLoraLinear",
+    "adapter_for_module",
+    "lora_custom_modules",
+    "prepare_lora_config",
+    "all_linear_names",
+    "install_peft_integration",
+    "is_peft_integration_installed",
+    "load_lora_adapter",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``init_lora_weights`` values that do not read the base weight (the others -- pissa, olora,
+#: corda, loftq, eva, lora_ga -- decompose ``base_layer.weight``, which is packed here).
+_SAFE_INITS = (True, False, "gaussian")
+
+
+# ---------------------------------------------------------------------- which adapter owns a layer
+def adapter_for_module(module: nn.Module, backend=None) -> QuantizationAdapter | None:
+    """An adapter of the class that produced ``module``, configured to re-create it (same bits,
+    group size, dtypes), or ``None`` when ``module`` is not a quantized layer.
+
+    Only the layer types whose settings can be read back from the module are supported: quanto's
+    ``QLinear`` and :class:`~quantization_wrapper.adapters.mlx.MLXQuantizedLinear` (the ones
+    :class:`QuantizedLoraLinear` wraps). For a whole model use its ``quantization_config``.
+    """
+    reader = _config_reader(module)
+    if reader is None:
+        return None
+    config = reader(module)
+    cls = ADAPTER_REGISTRY[config.method]
+    return cls(config, backend, device=_module_device(module))
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return None
+
+
+def _mlx_config(module: nn.Module) -> QuantizationConfig:
+    storage = module.weight.dtype
+    return QuantizationConfig(
+        method=QuantizationMethod.MLX_INT8 if module.bits == 8 else QuantizationMethod.MLX_INT4,
+        bits=module.bits, group_size=module.group_size, compute_dtype=module.compute_dtype,
+        storage_dtype=None if storage is torch.uint32 else storage,
+        backend_options={"kernel": module.kernel}, skip_modules=[])
+
+
+def _quanto_config(module: nn.Module) -> QuantizationConfig:
+    from .adapters.quanto import QuantoAdapter
+
+    qtype = QuantoAdapter.quantization_map_entry(module)["weights"]
+    by_qtype = {QuantoAdapter.quantization_map_entry(QuantizationConfig(method=m))["weights"]: m
+                for m in QuantoAdapter.methods}
+    if qtype not in by_qtype:
+        raise ValueError(f"optimum-quanto layer with weights={qtype!r} has no adapter method; known: "
+                         f"{', '.join(by_qtype)}")
+    return QuantizationConfig(method=by_qtype[qtype], compute_dtype=module.weight.dtype, skip_modules=[])
+
+
+def _config_reader(module: nn.Module):
+    cls = adapter_class_for_module(module)
+    if cls is None:
+        return None
+    family = cls.methods[0].family
+    return {"mlx": _mlx_config, "quanto": _quanto_config}.get(family)
+
+
+# ---------------------------------------------------------------------- the LoRA layer
+@functools.cache
+def _lora_linear_class() -> type:
+    """Define :class:`QuantizedLoraLinear` on first use (it subclasses peft's ``lora.Linear``)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    class QuantizedLoraLinear(LoraLinear):
+        """peft's ``lora.Linear`` over a quantized layer peft has no LoRA layer for (optimum-quanto
+        ``QLinear``, :class:`~quantization_wrapper.adapters.mlx.MLXQuantizedLinear`).
+
+        The forward pass is peft's: the base layer's output plus the LoRA path. Merging
+        dequantizes the base layer, adds (or, to unmerge, subtracts) the LoRA delta in float32
+        and quantizes the result again with the layer's own settings, as peft's HQQ layer does;
+        both steps therefore round to the quantization grid. DoRA and initializations that
+        decompose the base weight (PiSSA, OLoRA, LoftQ, ...) are refused: the base weight is packed.
+        """
+
+        def __init__(self, base_layer: nn.Module, adapter_name: str, config: "LoraConfig", **kwargs: Any):
+            if config.init_lora_weights not in _SAFE_INITS:
+                raise ValueError(
+                    f"init_lora_weights={config.init_lora_weights!r} is not supported on "
+                    f"{type(base_layer).__name__}: it decomposes the base weight, which is stored quantized; "
+                    f"use init_lora_weights=True or 'gaussian'")
+            super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            # peft's generic lookup works too, but warns "Unsupported layer type" for every layer
+            return module.in_features, module.out_features
+
+        @property
+        def lora_variants(self):
+            return {(): None}
+
+        def resolve_lora_variant(self, *, config: "LoraConfig", **kwargs: Any):
+            requested = [f.name for f in dataclasses.fields(config)
+                         if f.metadata.get("is_lora_variant") and getattr(config, f.name)]
+            if requested:
+                raise ValueError(f"{type(self).__name__} supports plain LoRA only; {requested} need the "
+                                 f"dense base weight. Remove them from the LoraConfig")
+            return None
+
+        def _rebuild(self, adapter_names: list[str], sign: float, safe_merge: bool) -> None:
+            base = self.get_base_layer()
+            adapter = adapter_for_module(base)
+            if adapter is None:
+                raise ValueError(f"cannot merge into {type(base).__name__}: no adapter re-creates it")
+            dense = adapter.dequantize_module(base)
+            weight = dense.weight.detach().to(torch.float32)
+            bias = None if dense.bias is None else dense.bias.detach().to(torch.float32)
+            for name in adapter_names:
+                delta = self.get_delta_weight(name).to(device=weight.device, dtype=torch.float32)
+                weight = weight + sign * delta
+                if self.lora_bias[name]:
+                    if bias is None:
+                        raise RuntimeError("cannot merge a LoRA bias: the base layer has no bias")
+                    bias = bias + sign * self.lora_B[name].bias.detach().float() * self.scaling[name]
+            if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+                raise ValueError(f"NaNs detected in the merged weights of adapter(s) {adapter_names}")
+            dtype = dense.weight.dtype
+            merged = nn.Linear(base.in_features, base.out_features, bias is not None, device="meta")
+            merged.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+            if bias is not None:
+                merged.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+            self.base_layer = adapter.quantize_linear(merged, config=adapter.config)
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
+            if not adapter_names:
+                return
+            self._rebuild(adapter_names, 1.0, safe_merge)
+            self.merged_adapters.extend(adapter_names)
+
+        def unmerge(self) -> None:
+            if not self.merged:
+                warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+                return
+            names = [n for n in reversed(self.merged_adapters) if n in self.lora_A]
+            self.merged_adapters.clear()
+            if names:
+                self._rebuild(names, -1.0, False)
+
+        def __repr__(self) -> str:
+            return "lora." + nn.Module.__repr__(self)
+
+    QuantizedLoraLinear.__module__ = __name__
+    QuantizedLoraLinear.__qualname__ = "QuantizedLoraLinear"
+    return QuantizedLoraLinear
+
+
+def __getattr__(name: str) -> Any:
+    # ``QuantizedLoraLinear`` exists once peft is imported; this keeps importing this module cheap.
+    if name == "QuantizedLoraLinear":
+        return _lora_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def lora_custom_modules(model: nn.Module | None = None) -> dict[type, type]:
+    """``{quantized layer class: LoRA layer class}`` for ``LoraConfig._register_custom_module``.
+
+    Args:
+        model: when given, only the layer types present in it (an empty dict when none is).
+    """
+    from .adapters.mlx import MLXQuantizedLinear
+
+    types: list[type] = [MLXQuantizedLinear]
+    if "optimum.quanto" in sys.modules:
+        from optimum.quanto import QLinear
+
+        types.append(QLinear)
+    if model is not None:
+        present = {type(m) for m in model.modules()}
+        types = [t for t in types if any(issubclass(p, t) for p in present)]
+    if not types:
+        return {}
+    lora_cls = _lora_linear_class()
+    return {t: lora_cls for t in types}
+
+
+# ---------------------------------------------------------------------- target_modules="all-linear"
+def all_linear_names(model: nn.Module) -> set[str]:
+    """What ``target_modules="all-linear"`` means for a quantized ``model``: peft's own answer (every
+    ``nn.Linear`` subclass, bitsandbytes and quanto layers included) plus the quantized layers that
+    are not ``nn.Linear`` (HQQ, MLX), without the output embedding and without layers inside
+    existing LoRA layers."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    include = _original_include()
+    probe = include(LoraConfig(target_modules="all-linear"), model)
+    names = set(probe.target_modules)
+    excluded: set[str] = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for prefix, module in model.named_modules():
+        if output is not None and module is output:
+            excluded.add(prefix)
+        if isinstance(module, BaseTunerLayer):
+            excluded.update(f"{prefix}.{suffix}" for suffix, _ in module.named_modules() if suffix)
+    for name, module in model.named_modules():
+        if name and not isinstance(module, nn.Linear) and is_quantized_module(module):
+            names.add(name)
+    return names - excluded
+
+
+def prepare_lora_config(lora_config: "LoraConfig", model: nn.Module) -> "LoraConfig":
+    """Make ``lora_config`` work on quantized ``model`` (in place; returns it).
+
+    * registers :func:`lora_custom_modules` for the layer types present in ``model``;
+    * ``target_modules="all-linear"`` becomes the set of names from :func:`all_linear_names`.
+
+    Idempotent; other PEFT configs are returned unchanged.
+    """
+    from peft import LoraConfig
+
+    if not isinstance(lora_config, LoraConfig):
+        return lora_config
+    custom = lora_custom_modules(model)
+    if custom:
+        lora_config._register_custom_module(custom)
+    target = lora_config.target_modules
+    if isinstance(target, str) and target.lower() == "all-linear":
+        names = all_linear_names(model)
+        if not names:
+            raise ValueError("target_modules='all-linear' found no linear or quantized linear layer in the model")
+        lora_config.target_modules = names
+    return lora_config
+
+
+# ---------------------------------------------------------------------- the peft hook
+def _original_include():
+    import peft.tuners.tuners_utils as tu
+
+    fn = tu._maybe_include_all_linear_layers
+    return getattr(fn, "__wrapped__", fn)
+
+
+def is_peft_integration_installed() -> bool:
+    """True when peft's LoRA injection goes through :func:`prepare_lora_config`."""
+    tu = sys.modules.get("peft.tuners.tuners_utils")
+    return tu is not None and getattr(tu._maybe_include_all_linear_layers, "_quantization_wrapper", False)
+
+
+def install_peft_integration() -> bool:
+    """Route every LoRA injection of peft through :func:`prepare_lora_config` (idempotent).
+
+    peft calls ``peft.tuners.tuners_utils._maybe_include_all_linear_layers(config, model)`` each
+    time it adds an adapter (``get_peft_model``, ``add_adapter``, ``PeftModel.from_pretrained``);
+    the wrapper prepares the config first, then calls peft's function. Configs of other PEFT
+    methods pass through unchanged.
+
+    Returns:
+        ``True`` when installed (now or before), ``False`` when peft is not installed or its
+        internals changed (a warning says so; :func:`prepare_lora_config` still works).
+    """
+    if is_peft_integration_installed():
+        return True
+    try:
+        import peft.tuners.tuners_utils as tu
+    except ImportError:
+        return False
+    original = getattr(tu, "_maybe_include_all_linear_layers", None)
+    if original is None:
+        warnings.warn("this peft version has no _maybe_include_all_linear_layers; call "
+                      "quantization_wrapper.prepare_lora_config(lora_config, model) before get_peft_model",
+                      RuntimeWarning, stacklevel=2)
+        return False
+
+    @functools.wraps(original)
+    def include_quantized_layers(peft_config, model):
+        prepare_lora_config(peft_config, model)
+        return original(peft_config, model)
+
+    include_quantized_layers._quantization_wrapper = True
+    tu._maybe_include_all_linear_layers = include_quantized_layers
+    logger.debug("peft LoRA injection now registers the quantized LoRA layers")
+    return True
+
+
+def load_lora_adapter(model: nn.Module, path: str, *, adapter_name: str = "default", is_trainable: bool = False,
+                      **kwargs: Any) -> "PeftModel":
+    """``PeftModel.from_pretrained`` for a quantized base, with the custom LoRA layers registered on
+    the loaded config (needed for MLX and quanto layers; works whether or not
+    :func:`install_peft_integration` ran).
+
+    Args:
+        model: the quantized base model (e.g. from ``load_quantized_model``).
+        path: the directory written by ``PeftModel.save_pretrained``.
+        adapter_name, is_trainable, **kwargs: passed to ``PeftModel.from_pretrained``.
+    """
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(path)
+    config.inference_mode = not is_trainable
+    prepare_lora_config(config, model)
+    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                     config=config, **kwargs)

@@ -1,0 +1,243 @@
+"""FSDP + QLoRA: two processes (torchrun, gloo on CPU) train LoRA over a sharded quantized model.
+
+The worker (tests/_fsdp_worker.py) runs HQQ, bitsandbytes NF4, MLX and optimum-quanto under FSDP2
+and bitsandbytes NF4 under FSDP1; this file checks what it wrote against a single-process run of the same training
+(same global batch), and reloads the adapters it saved. Single-process tests cover the
+compatibility checks, the bitsandbytes quant_state restoration and docs/fsdp.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from qlora_common import TARGETS, build_model, case_config, rank_batches
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+for _lib in ("bitsandbytes", "hqq"):
+    if importlib.util.find_spec(_lib) is None:
+        pytest.skip(f"{_lib} is not installed", allow_module_level=True)
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from quantization_wrapper import (  # noqa: E402
+    QuantizationConfig,
+    QuantizationMethod,
+    create_quantization_adapter,
+    load_quantized_model,
+)
+from quantization_wrapper.fsdp import (  # noqa: E402
+    FSDP_SUPPORT,
+    apply_fsdp,
+    check_fsdp_compatibility,
+    render_fsdp_markdown,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only contend (on a busy 2-core machine a step took 60x longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+CASES = ["hqq:2:float32", "bnb_nf4:2", "bnb_nf4:1:float32", "mlx_int4:2:uint8", "quanto_int4:2"]
+STEPS = 4
+
+
+def _torchrun(*args: str, timeout: int = 150) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    _torchrun("tests/_fsdp_worker.py", "--out", str(out), "--cases", ",".join(CASES), "--steps", str(STEPS))
+    return out
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.replace(":", "-"))
+def case(request, fsdp_run):
+    folder = fsdp_run / request.param.replace(":", "_")
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+    return request.param, folder, ranks, torch.load(folder / "result.pt")
+
+
+def _reference(case: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same training in one process on the concatenated global batch."""
+    config, _ = case_config(case)
+    adapter = create_quantization_adapter("cpu", config)
+    model = adapter.prepare_model_for_training(adapter.quantize_model(build_model()))
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.cat(rank_batches())
+    losses = []
+    for _ in range(STEPS):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, {n: p.detach() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def test_fsdp_training_lowers_the_loss_like_one_process(case):
+    name, _, ranks, result = case
+    losses = ranks[0]["losses"]
+    assert ranks[1]["losses"] == losses
+    assert losses[-1] < losses[0] - 0.3, losses
+    ref_losses, ref_lora = _reference(name)
+    assert losses == pytest.approx(ref_losses, abs=1e-4)
+    assert sorted(result["lora"]) == sorted(ref_lora)
+    worst = max((result["lora"][k] - ref_lora[k]).abs().max().item() for k in ref_lora)
+    assert worst < 1e-4, worst
+
+
+def test_lora_weights_are_identical_on_both_ranks(case):
+    _, _, ranks, _ = case
+    assert ranks[0]["lora_sha256"] == ranks[1]["lora_sha256"]
+
+
+def test_each_rank_holds_only_its_shard_of_the_quantized_weights(case):
+    name, _, ranks, _ = case
+    held = [r["bytes"] for r in ranks]
+    config, _ = case_config(name)
+    if not FSDP_SUPPORT[config.method].shards:  # quanto: kept out of sharding, whole on each rank
+        assert all(h["local_shards"] == 0 and h["per_rank"] == h["total"] > 0 for h in held)
+        return
+    full = held[0]["full_sharded"]
+    assert full > 0 and all(h["full_sharded"] == full and h["total"] == held[0]["total"] for h in held)
+    assert sum(h["local_shards"] for h in held) == full  # the shards partition the weights
+    for h in held:
+        assert h["local_shards"] <= 0.6 * full  # FSDP1 splits the whole flat unit, so not exactly 1/2
+        assert h["per_rank"] < 0.85 * h["total"]
+
+
+def test_quantized_weights_stay_bit_identical(case):
+    _, _, ranks, _ = case
+    assert all(r["quantized_identical"] for r in ranks)
+
+
+def test_saved_adapter_reloads_on_a_fresh_quantized_base(case):
+    _, folder, _, result = case
+    base = load_quantized_model(folder / "base")
+    model = PeftModel.from_pretrained(base, folder / "adapter")
+    with torch.no_grad():
+        logits = model(input_ids=result["probe"]).logits
+    assert torch.equal(logits, result["logits"])
+
+
+# ---------------------------------------------------------------------- single process
+def _prepared(method: str, **kwargs):
+    adapter = create_quantization_adapter("cpu", QuantizationConfig(method=method, **kwargs))
+    model = adapter.prepare_model_for_training(adapter.quantize_model(build_model()))
+    return get_peft_model(model, LoraConfig(r=8, target_modules=TARGETS))
+
+
+@pytest.mark.parametrize("method, kwargs, version, param_dtype, fragment", [
+    ("bnb_nf4", {}, 1, None, "FSDP1 cannot flatten integer tensors"),
+    ("hqq", {}, 1, None, "FSDP1 cannot flatten integer tensors"),
+    ("hqq", {"storage_dtype": "float32"}, 2, torch.bfloat16, "would convert the packed bytes"),
+    ("mlx_int4", {}, 2, None, "torch cannot all-gather"),
+], ids=["bnb-fsdp1-uint8", "hqq-fsdp1-uint8", "hqq-float32-vs-bf16", "mlx-uint32"])
+def test_incompatible_storage_is_reported(method, kwargs, version, param_dtype, fragment):
+    problems = check_fsdp_compatibility(_prepared(method, **kwargs), version=version, param_dtype=param_dtype)
+    per_layer = [p for p in problems if fragment in p]
+    assert len(per_layer) == 2 * len(TARGETS)  # one per quantized layer, each naming it
+    assert any(p.startswith(("model.layers.0.self_attn.q_proj.W_q ", "model.layers.0.self_attn.q_proj.weight "))
+               for p in per_layer)
+    if version == 1:  # and FSDP1's one-dtype-per-unit rule: uint8 next to float32
+        assert [p for p in problems if p not in per_layer] == [
+            "FSDP1 flattens each unit into one tensor of one dtype; the parameters have ['float32', 'uint8']. "
+            "Fix: quantize with storage_dtype=float32, the dtype of every other parameter "
+            "(prepare_model_for_training makes norms float32 and peft makes LoRA float32); or use FSDP2"]
+    else:
+        assert len(problems) == len(per_layer)
+
+
+@pytest.mark.parametrize("method, kwargs, version", [
+    ("bnb_nf4", {}, 2), ("bnb_nf4", {"storage_dtype": "float32"}, 1), ("hqq", {}, 2),
+    ("hqq", {"storage_dtype": "float32"}, 1), ("mlx_int4", {"storage_dtype": "uint8"}, 2),
+], ids=["bnb-fsdp2", "bnb-fsdp1-float32", "hqq-fsdp2", "hqq-fsdp1-float32", "mlx-fsdp2-uint8"])
+def test_supported_storage_passes(method, kwargs, version):
+    assert check_fsdp_compatibility(_prepared(method, **kwargs), version=version) == []
+
+
+@pytest.fixture
+def one_rank_group():
+    store = tempfile.mktemp(prefix="qw-fsdp-")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    if os.path.exists(store):
+        os.remove(store)
+
+
+def test_apply_fsdp_restores_the_bnb_quant_state_fsdp_drops(one_rank_group):
+    """FSDP2 hands Linear4bit a plain tensor for its Params4bit; bitsandbytes rebuilds it from
+    ``module.quant_state``. Without it (a layer quantized with ``Params4bit(module=None)``)
+    plain ``fully_shard`` fails; ``apply_fsdp`` restores it from the weight first."""
+    from torch.distributed.fsdp import fully_shard
+
+    ids = torch.cat(rank_batches())[:2]
+    expected = _prepared("bnb_nf4")(input_ids=ids, labels=ids).loss.item()
+    results = {}
+    for how in ("fully_shard", "apply_fsdp"):
+        model = _prepared("bnb_nf4")
+        for module in model.modules():
+            if type(module).__name__ == "Linear4bit":
+                module.quant_state = None
+        if how == "fully_shard":
+            for layer in model.base_model.model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            apply_fsdp(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                results[how] = model(input_ids=ids, labels=ids).loss.item()
+            except ValueError as e:
+                results[how] = str(e)
+    assert results["fully_shard"] == "quant_state is required"
+    assert results["apply_fsdp"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_docs_render_the_support_table():
+    doc = (ROOT / "docs" / "fsdp.md").read_text()
+    assert render_fsdp_markdown() in doc, "docs/fsdp.md is out of date: paste render_fsdp_markdown() into it"
+    assert set(FSDP_SUPPORT) == set(QuantizationMethod)
+
+
+# ---------------------------------------------------------------------- the example script
+def test_example_trains_under_torchrun_and_alone(tmp_path):
+    script = "examples/fsdp_qlora_train.py"
+    _torchrun(script, "--method", "hqq", "--steps", "6", "--output-dir", str(tmp_path / "fsdp"))
+    metrics = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["fsdp"] == "fsdp2"
+    assert metrics["losses"][-1] < metrics["losses"][0] - 0.3
+    assert metrics["quantized_bytes"]["local_shards"] < 0.6 * metrics["quantized_bytes"]["full_sharded"]
+    single = subprocess.run([sys.executable, script, "--method", "bnb_nf4", "--steps", "3", "--output-dir",
+                             str(tmp_path / "single")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["fsdp"] is None
+    assert (tmp_path / "single" / "adapter" / "adapter_model.safetensors").exists()
