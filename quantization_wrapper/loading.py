@@ -12,10 +12,13 @@ file is closed, so mapping a multi-GB checkpoint would cost as much RSS as loadi
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import os
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +38,7 @@ __all__ = [
     "load_and_quantize",
     "count_checkpoint_parameters",
     "build_empty_model",
+    "release_freed_memory_to_os",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,26 @@ _DTYPES = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 _MAX_HEADER = 100 * 2**20
+
+
+@functools.cache
+def release_freed_memory_to_os() -> bool:
+    """Make glibc return large freed blocks to the OS at once (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``).
+
+    Streaming a checkpoint allocates and frees one full-precision layer after another (8-32 MB
+    each). glibc's default raises its mmap threshold after the first such free, so later layers come
+    from the heap and the freed memory stays in the process: measured on a 1.1B Llama, NF4 peaked
+    at 2.6 GB instead of 1.4 GB, quanto int4 at 6.4 GB. A fixed threshold keeps every block >= 1 MiB
+    in its own mapping, released on free. Process-wide and harmless for small allocations; a no-op
+    outside glibc. Returns whether it was applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 class SafetensorsReader:
@@ -264,6 +288,7 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
 
     checkpoint_dir = Path(checkpoint_dir)
     dtype = parse_dtype(dtype, "dtype")
+    release_freed_memory_to_os()
     backend = detect_backend() if backend is None else Backend.parse(backend)
     if workers is None:
         workers = 2 if (os.cpu_count() or 1) >= 4 else 1

@@ -30,7 +30,7 @@ from torch import nn
 
 from .adapters.base import QuantizationAdapter, get_adapter_class
 from .config import QuantizationConfig, QuantizationMethod
-from .loading import SafetensorsReader
+from .loading import SafetensorsReader, release_freed_memory_to_os
 from .surgery import QuantizationPlan, get_quantization_plan
 
 __all__ = [
@@ -487,6 +487,7 @@ def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, d
         CheckpointError / ChecksumError: naming the file or key that is wrong.
     """
     path = Path(path)
+    release_freed_memory_to_os()
     if path.exists() and not (path / QUANT_CONFIG_NAME).exists():  # not ours: maybe mlx-lm's or hqq's own
         from .native_formats import detect_native_format, load_native_checkpoint
 
