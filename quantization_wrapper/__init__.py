@@ -130,6 +130,42 @@ __all__ = [
     "ChecksumError",
 ]
 
+# Mixed precision: size estimates, sensitivity-driven bit allocation, static presets.
+from .sizing import SizeEstimate, checkpoint_parameter_count, estimate_model_size, layer_nbytes  # noqa: E402
+from .mixed_precision import (  # noqa: E402
+    CalibrationStats,
+    InfeasibleBudgetError,
+    MixedPrecisionPlan,
+    SensitivityAnalyzer,
+    collect_calibration_stats,
+    default_candidates,
+    plan_mixed_precision,
+)
+from .presets import (  # noqa: E402
+    QuantRule,
+    adaptive_preset,
+    component_preset,
+    rules_to_layer_configs,
+)
+
+__all__ += [
+    "estimate_model_size",
+    "SizeEstimate",
+    "layer_nbytes",
+    "checkpoint_parameter_count",
+    "plan_mixed_precision",
+    "MixedPrecisionPlan",
+    "SensitivityAnalyzer",
+    "CalibrationStats",
+    "collect_calibration_stats",
+    "default_candidates",
+    "InfeasibleBudgetError",
+    "component_preset",
+    "adaptive_preset",
+    "rules_to_layer_configs",
+    "QuantRule",
+]
+
 # QLoRA and FSDP glue (peft and torch.distributed are imported only when used).
 from .fsdp import FSDP_SUPPORT, apply_fsdp, fsdp_quantized_bytes, save_lora_adapter  # noqa: E402
 from .peft_integration import install_peft_integration, load_lora_adapter, prepare_lora_config  # noqa: E402

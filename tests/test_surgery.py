@@ -168,3 +168,17 @@ def test_quantize_model_rejects_unknown_kwargs(tiny_model, make):
 def test_progress_bar(tiny_model, make, capsys):
     replace_linear_with_quantized(tiny_model, make(), progress=True)
     assert "quantizing (hqq)" in capsys.readouterr().err
+
+
+def test_override_to_another_library_does_not_inherit_its_backend_options(tiny_model):
+    """HQQ options must not reach the MLX layers a layer_configs entry switches to."""
+    pytest.importorskip("hqq")
+    from quantization_wrapper import create_quantization_adapter
+
+    config = QuantizationConfig(method="hqq", group_size=32, backend_options={"optimize": False},
+                                layer_configs={"layers.1.mlp": {"method": "mlx_int4", "group_size": 32}})
+    adapter = create_quantization_adapter("cpu", config, strict=True)
+    replace_linear_with_quantized(tiny_model, adapter)
+    plan = tiny_model.quantization_plan
+    assert plan["layers.1.mlp.up_proj"].method == "mlx_int4" and plan["layers.0.mlp.up_proj"].method == "hqq"
+    assert adapter.for_method("mlx_int4").config.backend_options == {}

@@ -263,11 +263,8 @@ class QuantizationAdapter(ABC):
             return self
         if method not in self._siblings:
             cls = get_adapter_class(method)
-            self._siblings[method] = cls(self.config.for_layer("").replace(method=method, bits=None,
-                                                                            group_size=None,
-                                                                            quant_type=None,
-                                                                            double_quant=None),
-                                         self.backend, device=self.device)
+            # _merged gives the method its own defaults and drops another library's backend_options
+            self._siblings[method] = cls(self.config._merged({"method": method}), self.backend, device=self.device)
         return self._siblings[method]
 
     def quantize_model(self, model: nn.Module, *, module_filter: Any = None, **kwargs: Any) -> nn.Module:
