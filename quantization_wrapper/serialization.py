@@ -538,6 +538,11 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
         files = [path / WEIGHTS_NAME]
 
     model = _build_skeleton(path, info, model_config)
+    # The tensors the checkpoint must provide besides the planned layers, read off the skeleton
+    # once: a state_dict() of the filled model would serialize every quantized layer again
+    # (quanto repacks CPU int4 weights to do so, seconds per layer).
+    planned = tuple(layer.name + "." for layer in plan.layers if layer.status != "skipped")
+    skeleton = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(planned)}
     adapters: dict = {}
     with ExitStack() as stack:
         handles = {}
@@ -601,16 +606,16 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
         if source in rest:
             rest[alias] = rest[source]
 
-    expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
+    expected = {k for k, v in skeleton.items() if v.device.type == "meta"}
     missing = sorted(expected - set(rest))
-    unexpected = sorted(set(rest) - set(model.state_dict(keep_vars=True)))
+    unexpected = sorted(set(rest) - set(skeleton))
     if unexpected:
         raise CheckpointError(f"{path}: the checkpoint has tensors the architecture does not: "
                               f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks tensors the architecture needs: "
                               f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    current = model.state_dict(keep_vars=True)
+    current = skeleton
     for key, value in rest.items():
         if tuple(current[key].shape) != tuple(value.shape):
             raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(value.shape)} in the checkpoint, "
