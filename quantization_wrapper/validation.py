@@ -112,6 +112,11 @@ def _option_issues(config: QuantizationConfig, backend: Backend, where: str) -> 
                                f"group_size={config.group_size} cannot be honoured: optimum-quanto fixes the "
                                f"group size of {method.value} at 128.",
                                "use group_size=128, or method='hqq' for another group size."))
+    if method is M.NONE and config.bits != METHOD_SPECS[M.NONE].default_bits:
+        issues.append(_warning(prefix + "bits",
+                               f"bits={config.bits} is ignored by method 'none': weights stay in floating point.",
+                               "set compute_dtype (e.g. torch.bfloat16) to choose their dtype, or pick a "
+                               "quantization method."))
     if config.storage_dtype is not None:
         if config.storage_dtype in (torch.uint8, torch.int8):
             issues.append(_warning(prefix + "storage_dtype",

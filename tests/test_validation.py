@@ -59,6 +59,7 @@ def test_no_adapter_registered(registry):
     (dict(method="quanto_int8", group_size=128), "group_size"),
     (dict(method="hqq", storage_dtype=torch.uint8), "storage_dtype"),
     (dict(method="none", storage_dtype=torch.bfloat16), "storage_dtype"),
+    (dict(method="none", bits=4), "bits"),
 ])
 def test_ignored_or_unshardable_options_warn(kwargs, field):
     issues = validate_quantization_config(QuantizationConfig(**kwargs), "cpu")
