@@ -62,6 +62,7 @@ from .surgery import (
     get_quantization_plan,
     replace_linear_with_quantized,
 )
+from .loading import load_and_quantize
 from .serialization import (
     CheckpointError,
     ChecksumError,
@@ -124,6 +125,7 @@ __all__ = [
     "prepare_model_for_training",
     "save_quantized_model",
     "load_quantized_model",
+    "load_and_quantize",
     "verify_checkpoint",
     "read_checkpoint_info",
     "CheckpointError",

@@ -72,25 +72,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- recommend
-def _count_parameters(model_dir: Path) -> float:
-    """Parameters (billions) of a transformers checkpoint, from safetensors headers only."""
-    from safetensors import safe_open
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CLIError(f"--model {model_dir}: no .safetensors files found", 2)
-    total = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                shape = h.get_slice(key).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                total += n
-    return total / 1e9
-
-
 def cmd_recommend(args: argparse.Namespace) -> int:
     from backend_manager import Backend, BackendManager, detect_backend
 
@@ -101,7 +82,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         model_dir = Path(args.model)
         if not model_dir.is_dir():
             raise CLIError(f"--model {model_dir}: not a directory", 2)
-        size = _count_parameters(model_dir)
+        from .sizing import checkpoint_parameter_count
+
+        try:
+            size = checkpoint_parameter_count(model_dir) / 1e9
+        except ValueError as e:
+            raise CLIError(f"--model {model_dir}: {e}", 2) from e
     elif args.model_size is not None:
         size = args.model_size
     else:

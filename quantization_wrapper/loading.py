@@ -16,12 +16,13 @@ import ctypes
 import functools
 import json
 import logging
+import math
 import os
 import struct
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ __all__ = [
     "SafetensorsReader",
     "CheckpointFiles",
     "load_and_quantize",
-    "count_checkpoint_parameters",
+    "model_from_config",
+    "build_skeleton",
     "build_empty_model",
     "release_freed_memory_to_os",
 ]
@@ -207,41 +209,85 @@ class CheckpointFiles:
         self.close()
 
 
-def count_checkpoint_parameters(checkpoint_dir: str | os.PathLike) -> int:
-    """Number of parameters in a checkpoint, from the safetensors headers alone."""
-    with CheckpointFiles(checkpoint_dir) as files:
-        total = 0
-        for shape in files.shapes().values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+def model_from_config(model_config: Any, *, dtype: torch.dtype | None = None, where: str = "model_config") -> nn.Module:
+    """A transformers model of ``model_config`` (a config object or a ``config.json`` dict; the peers'
+    ``quantization``/``quantization_config`` entries are ignored) with its parameters on the meta
+    device and its buffers real, as ``accelerate.init_empty_weights(include_buffers=False)`` builds
+    it: rotary tables and other buffers the constructor computes need no checkpoint entry.
 
+    Args:
+        model_config: the config; its ``architectures[0]`` picks the class (else ``AutoModel``).
+        dtype: default float dtype while building, as ``from_pretrained(dtype=...)`` does.
+        where: named in errors (the checkpoint path).
 
-def build_empty_model(checkpoint_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """The checkpoint's architecture (from ``config.json``) with parameters on meta, buffers real."""
+    Raises:
+        ValueError: a dict without ``model_type``, or a type transformers does not know.
+        ImportError: transformers or accelerate missing, with the install line.
+    """
     try:
         import transformers
         from accelerate import init_empty_weights
     except ImportError as e:
-        raise ImportError("load_and_quantize needs transformers and accelerate: "
-                          "pip install 'quantization-wrapper[hf]'") from e
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.exists():
-        raise ValueError(f"{path.parent}: no config.json; not a transformers checkpoint directory")
-    config = transformers.AutoConfig.from_pretrained(str(path.parent))
-    archs = getattr(config, "architectures", None) or []
+        raise ImportError("rebuilding the architecture needs transformers and accelerate: "
+                          "pip install 'quantization-wrapper[hf]' (or pass the model as an nn.Module on meta)") from e
+    if isinstance(model_config, dict):
+        data = {k: v for k, v in model_config.items() if k not in ("quantization", "quantization_config")}
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"{where}: the model config has no 'model_type' (e.g. 'llama'); pass model_config")
+        try:
+            model_config = transformers.AutoConfig.for_model(model_type, **data)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{where}: transformers cannot build model_type={model_type!r}: {e}") from e
+    archs = getattr(model_config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     previous = torch.get_default_dtype()
     if dtype is not None and dtype.is_floating_point:
-        torch.set_default_dtype(dtype)  # as transformers' from_pretrained(dtype=...) builds models
+        torch.set_default_dtype(dtype)
     try:
         with init_empty_weights(include_buffers=False):
-            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+            return cls(model_config) if cls is not None else transformers.AutoModel.from_config(model_config)
     finally:
         torch.set_default_dtype(previous)
-    return model.eval()
+
+
+def build_skeleton(model_config: Any, saved_config: dict[str, Any] | None, *, where: str) -> nn.Module:
+    """The architecture a checkpoint is loaded into, parameters on meta and buffers real.
+
+    Args:
+        model_config: ``None`` (use ``saved_config``), an ``nn.Module`` (used as is, e.g. built on
+            meta), a callable that builds the model, or a transformers config / ``config.json`` dict.
+        saved_config: the config stored with the checkpoint, if any.
+        where: the checkpoint path, named in errors.
+
+    Raises:
+        ValueError: no config to build from, or one transformers cannot build.
+    """
+    if isinstance(model_config, nn.Module):
+        return model_config
+    if callable(model_config) and not hasattr(model_config, "to_dict"):
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            return model_config()
+    if model_config is None:
+        model_config = saved_config
+    if model_config is None:
+        raise ValueError(f"{where}: no model config to build the architecture from; pass model_config (a "
+                         f"transformers config, a dict, a callable that builds the model, or an nn.Module on meta)")
+    return model_from_config(model_config, where=where)
+
+
+def build_empty_model(checkpoint_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """The checkpoint's architecture (from ``config.json``) with parameters on meta, buffers real."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{path.parent}: no config.json; not a transformers checkpoint directory")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    return model_from_config(config, dtype=dtype, where=str(path.parent)).eval()
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -296,16 +342,16 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} must be a positive int")
     with CheckpointFiles(checkpoint_dir) as files:
+        shapes = files.shapes()
         if config is None:
             from .recommend import get_recommended_config
 
-            size_b = count_checkpoint_parameters(checkpoint_dir) / 1e9
+            size_b = sum(math.prod(shape) for shape in shapes.values()) / 1e9
             config = get_recommended_config(backend, size_b)
         adapter = create_quantization_adapter(backend, config)
         model = build_empty_model(checkpoint_dir, dtype)
         decisions = {d.name: d for d in plan_linear_layers(model, adapter, module_filter=module_filter)}
         expected = dict(model.state_dict(keep_vars=True))
-        shapes = files.shapes()
         _check_keys(checkpoint_dir, model, expected, shapes)
 
         pending: dict[str, dict[str, torch.Tensor]] = {}

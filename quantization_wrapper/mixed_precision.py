@@ -305,6 +305,19 @@ def _inputs_digest(batches: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
+def _calibration_batches(calibration: Any) -> list:
+    """``calibration`` as a non-empty list of batches (one tensor or dict is one batch)."""
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        calibration = [calibration]
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
+        raise ValueError(f"calibration must be an iterable of model inputs (tensors or dicts of tensors), "
+                         f"got {type(calibration).__name__}")
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("calibration is empty; give at least one batch of model inputs")
+    return batches
+
+
 def collect_calibration_stats(model: nn.Module, calibration: Iterable[Any], *,
                               layers: Iterable[str] | None = None) -> CalibrationStats:
     """Run ``calibration`` through ``model`` with forward hooks on its linear layers and collect
@@ -320,14 +333,7 @@ def collect_calibration_stats(model: nn.Module, calibration: Iterable[Any], *,
     Raises:
         ValueError: when ``calibration`` is empty or holds something that is not a model input.
     """
-    if isinstance(calibration, (torch.Tensor, Mapping)):
-        calibration = [calibration]
-    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
-        raise ValueError(f"calibration must be an iterable of model inputs (tensors or dicts of tensors), "
-                         f"got {type(calibration).__name__}")
-    batches = list(calibration)
-    if not batches:
-        raise ValueError("calibration is empty; give at least one batch of model inputs")
+    batches = _calibration_batches(calibration)
     for i, batch in enumerate(batches):
         if not _batch_tensors(batch):
             raise ValueError(f"calibration batch {i} is a {type(batch).__name__} without tensors; each batch "
@@ -438,14 +444,7 @@ class SensitivityAnalyzer:
             self.stats = self._stats_for(calibration)
 
     def _stats_for(self, calibration: Any) -> CalibrationStats:
-        if isinstance(calibration, (torch.Tensor, Mapping)):
-            calibration = [calibration]
-        if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
-            raise ValueError(f"calibration must be an iterable of model inputs (tensors or dicts of tensors), "
-                             f"got {type(calibration).__name__}")
-        batches = list(calibration)
-        if not batches:
-            raise ValueError("calibration is empty; give at least one batch of model inputs")
+        batches = _calibration_batches(calibration)
         digest = _inputs_digest(batches) + ":" + ",".join(
             f"{n}@{_weight_key(m)}" for n, m in self._modules.items() if isinstance(m, nn.Linear))
         if digest not in self.cache.stats:

@@ -37,15 +37,15 @@ import json
 import os
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from .config import QuantizationConfig, QuantizationMethod, dtype_to_str
 from .patterns import best_match
+from .surgery import LayerDecision
 
 __all__ = [
     "NATIVE_FORMATS",
@@ -122,50 +122,40 @@ def load_native_checkpoint(path: str | os.PathLike, model_config: Any = None, **
 
 
 # ------------------------------------------------------------------------------- shared steps
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build modules with parameters on meta and buffers real (rotary tables and other buffers the
-    constructor computes are not in native checkpoints), as ``init_empty_weights(include_buffers=False)``."""
-    try:
-        from accelerate import init_empty_weights
-    except ImportError as e:
-        raise _error("rebuilding the architecture for a native checkpoint needs accelerate: "
-                     "pip install accelerate (or pass model_config as an nn.Module on meta)") from e
-    with init_empty_weights(include_buffers=False):
-        yield
-
-
 def _skeleton(where: Path, config: dict[str, Any] | None, model_config: Any) -> nn.Module:
     """The architecture with parameters on meta, from ``model_config`` or the checkpoint's config."""
-    if isinstance(model_config, nn.Module):
-        return model_config
-    if callable(model_config) and not hasattr(model_config, "to_dict"):
-        with _parameters_on_meta():
-            return model_config()
-    if model_config is None:
-        model_config = config
-    if model_config is None:
+    from .loading import build_skeleton
+
+    if model_config is None and config is None:
         raise _error(f"{where}: the checkpoint holds no model config; pass model_config (the config.json "
                      f"dict, a transformers config, a callable that builds the model, or an nn.Module on meta)")
     try:
-        import transformers
-    except ImportError as e:
-        raise _error("rebuilding the architecture needs transformers (pip install transformers), or pass "
-                     "model_config as an nn.Module on meta or a callable") from e
-    if isinstance(model_config, dict):
-        data = {k: v for k, v in model_config.items() if k not in ("quantization", "quantization_config")}
-        model_type = data.pop("model_type", None)
-        if model_type is None:
-            raise _error(f"{where}: the model config has no 'model_type' (e.g. 'llama'); pass model_config")
+        return build_skeleton(model_config, config, where=str(where))
+    except (ValueError, ImportError) as e:
+        raise _error(str(e)) from e
+
+
+def _restore_layers(where: Path, model: nn.Module, adapter: Any, config: QuantizationConfig,
+                    linears: dict[str, nn.Linear], layers: dict[str, dict[str, Any]],
+                    states: dict[str, dict[str, torch.Tensor]], kind: str) -> list[LayerDecision]:
+    """Install an adapter layer filled from ``states`` for every quantized linear; the plan's decisions."""
+    decisions = []
+    for name, linear in linears.items():
+        if name not in layers:
+            decisions.append(LayerDecision(name, linear, None, f"not quantized in the {kind} checkpoint"))
+            continue
+        dtype = layers[name]["compute_dtype"]
         try:
-            model_config = transformers.AutoConfig.for_model(model_type, **data)
-        except (ValueError, KeyError) as e:
-            raise _error(f"{where}: transformers cannot build model_type={model_type!r}: {e}") from e
-    archs = getattr(model_config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    with _parameters_on_meta():
-        model = cls(model_config) if cls is not None else transformers.AutoModel.from_config(model_config)
-    return model
+            empty = adapter.create_quantized_linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                                    config=config.for_layer(name), device="meta", dtype=dtype)
+            filled = adapter.load_layer_state(empty, states.pop(name))
+        except ValueError as e:
+            raise _error(f"{where}: layer {name!r} could not be restored: {e}") from e
+        model.set_submodule(name, filled)
+        decisions.append(LayerDecision(name, nn.Linear(linear.in_features, linear.out_features,
+                                                       linear.bias is not None, device="meta", dtype=dtype),
+                                       config.for_layer(name), None))
+    return decisions
 
 
 def _config_summary(method_of: Callable[[dict[str, Any]], QuantizationMethod],
@@ -431,7 +421,6 @@ def load_mlx_checkpoint(path: str | os.PathLike, model_config: Any = None, *, de
             disagree with the tensors, missing or extra tensors, a non-affine mode (all named).
     """
     from .serialization import _layer_adapter
-    from .surgery import LayerDecision
 
     path = Path(path)
     config_json: dict[str, Any] | None = None
@@ -509,24 +498,7 @@ def load_mlx_checkpoint(path: str | os.PathLike, model_config: Any = None, *, de
         _check_method(path, config, expected_methods)
         adapters: dict = {}
         adapter = _layer_adapter(config, config.method.value, backend, adapters)
-        decisions = []
-        for name, linear in linears.items():
-            if name not in layers:
-                decisions.append(LayerDecision(name, linear, None, "not quantized in the MLX checkpoint"))
-                continue
-            layer_cfg = config.for_layer(name)
-            dtype = layers[name]["compute_dtype"]
-            try:
-                empty = adapter.create_quantized_linear(linear.in_features, linear.out_features,
-                                                        linear.bias is not None, config=layer_cfg, device="meta",
-                                                        dtype=dtype)
-                filled = adapter.load_layer_state(empty, states.pop(name))
-            except ValueError as e:
-                raise _error(f"{path}: layer {name!r} could not be restored: {e}") from e
-            model.set_submodule(name, filled)
-            decisions.append(LayerDecision(name, nn.Linear(linear.in_features, linear.out_features,
-                                                           linear.bias is not None, device="meta", dtype=dtype),
-                                           layer_cfg, None))
+        decisions = _restore_layers(path, model, adapter, config, linears, layers, states, "MLX")
         rest = {k: source.read(k) for k in sorted(keys)}
         for name in embeddings:
             rest[f"{name}.weight"] = _dequantized_embedding(path, name, states.pop(name), model)
@@ -682,7 +654,6 @@ def load_hqq_checkpoint(path: str | os.PathLike, model_config: Any = None, *, de
             files, layers or tensors, states hqq cannot load faithfully (all named).
     """
     from .serialization import _layer_adapter
-    from .surgery import LayerDecision
 
     path = Path(path)
     config_json = None
@@ -746,22 +717,6 @@ def load_hqq_checkpoint(path: str | os.PathLike, model_config: Any = None, *, de
         raise _error(f"{file}: the HQQ layers' settings are not supported: {e}") from e
     _check_method(file, config, expected_methods)
     adapter = _layer_adapter(config, "hqq", backend, {})
-    decisions = []
-    for name, linear in linears.items():
-        if name not in layers:
-            decisions.append(LayerDecision(name, linear, None, "not quantized in the hqq checkpoint"))
-            continue
-        layer_cfg = config.for_layer(name)
-        dtype = layers[name]["compute_dtype"]
-        try:
-            empty = adapter.create_quantized_linear(linear.in_features, linear.out_features, linear.bias is not None,
-                                                    config=layer_cfg, device="meta", dtype=dtype)
-            filled = adapter.load_layer_state(empty, encoded.pop(name))
-        except ValueError as e:
-            raise _error(f"{file}: layer {name!r} could not be restored: {e}") from e
-        model.set_submodule(name, filled)
-        decisions.append(LayerDecision(name, nn.Linear(linear.in_features, linear.out_features,
-                                                       linear.bias is not None, device="meta", dtype=dtype),
-                                       layer_cfg, None))
+    decisions = _restore_layers(file, model, adapter, config, linears, layers, encoded, "hqq")
     _fill(file, model, rest)
     return _finish(model, adapter, decisions, device)

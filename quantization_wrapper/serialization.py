@@ -31,7 +31,7 @@ from torch import nn
 
 from .adapters.base import QuantizationAdapter, get_adapter_class
 from .config import QuantizationConfig, QuantizationMethod
-from .loading import SafetensorsReader, release_freed_memory_to_os
+from .loading import SafetensorsReader, build_skeleton, release_freed_memory_to_os
 from .surgery import QuantizationPlan, get_quantization_plan
 
 __all__ = [
@@ -432,36 +432,17 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _build_skeleton(path: Path, info: dict, model_config: Any) -> nn.Module:
-    """The architecture on the meta device, from ``model_config`` or the saved config.json."""
-    if isinstance(model_config, nn.Module):
-        return model_config
-    with torch.device("meta"):
-        if callable(model_config) and not hasattr(model_config, "to_dict"):
-            return model_config()
-        try:
-            import transformers
-        except ImportError as e:
-            raise CheckpointError("rebuilding the architecture needs transformers (pip install transformers), "
-                                  "or pass model_config as an nn.Module on meta or a callable") from e
-        if model_config is None:
-            if "config" in info:
-                model_config = info["config"]
-            elif (path / "config.json").exists():
-                model_config = json.loads((path / "config.json").read_text())
-            else:
-                raise CheckpointError(f"{path}: no config.json; pass model_config (a transformers config, a "
-                                      f"dict, a callable that builds the model, or an nn.Module on meta)")
-        if isinstance(model_config, dict):
-            data = {k: v for k, v in model_config.items() if k not in ("quantization_config", "quantization")}
-            model_type = data.pop("model_type", None)
-            if model_type is None:
-                raise CheckpointError("model_config dict needs a 'model_type' key (e.g. 'llama')")
-            model_config = transformers.AutoConfig.for_model(model_type, **data)
-        archs = getattr(model_config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        if cls is None:
-            return transformers.AutoModel.from_config(model_config)
-        return cls(model_config)
+    """The architecture with parameters on meta, from ``model_config`` or the saved config."""
+    saved = info.get("config")
+    if saved is None and (path / "config.json").exists():
+        saved = json.loads((path / "config.json").read_text())
+    if model_config is None and saved is None:
+        raise CheckpointError(f"{path}: no config.json; pass model_config (a transformers config, a "
+                              f"dict, a callable that builds the model, or an nn.Module on meta)")
+    try:
+        return build_skeleton(model_config, saved, where=str(path))
+    except (ValueError, ImportError) as e:
+        raise CheckpointError(str(e)) from e
 
 
 def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, device: str | torch.device = "cpu",

@@ -17,6 +17,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules training tiny models: intra-op threads only contend (on a busy 2-core machine a
+    step took 60x longer). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fresh_detection():
     clear_caches()

@@ -136,8 +136,6 @@ def test_default_backend_is_detected(registry, fresh_detection, monkeypatch):
 
 
 def test_fallback_adapter_casts_and_says_so(tiny_model):
-    x = torch.randint(0, 50, (2, 5))
-    reference = tiny_model(x)
     adapter = create_quantization_adapter("cpu", QuantizationConfig(method="none", compute_dtype="bfloat16"))
     with pytest.warns(UserWarning, match="does not quantize"):
         adapter.quantize_model(tiny_model)

@@ -1,6 +1,4 @@
 import pytest
-import torch
-from torch import nn
 
 from doubles import RowInt8Adapter, RowInt8Linear
 from quantization_wrapper import (

@@ -47,13 +47,7 @@ from quantization_wrapper.fsdp import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only contend (on a busy 2-core machine a step took 60x longer)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = ["hqq:2:float32", "bnb_nf4:2", "bnb_nf4:1:float32", "mlx_int4:2:uint8", "quanto_int4:2"]
 STEPS = 4
 

@@ -14,9 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import quantization_wrapper as qw  # noqa: E402
 from quantization_wrapper.loading import (  # noqa: E402
     SafetensorsReader,
-    count_checkpoint_parameters,
     load_and_quantize,
 )
+from quantization_wrapper.sizing import checkpoint_parameter_count as count_checkpoint_parameters  # noqa: E402
 
 CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=128)

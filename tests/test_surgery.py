@@ -1,8 +1,5 @@
-import warnings
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from doubles import FailingAdapter, RowInt8Adapter, RowInt8Linear
@@ -13,7 +10,7 @@ from quantization_wrapper import (
     register_adapter,
     replace_linear_with_quantized,
 )
-from quantization_wrapper.adapters.base import QuantizationAdapter, tensor_nbytes
+from quantization_wrapper.adapters.base import tensor_nbytes
 
 
 @pytest.fixture

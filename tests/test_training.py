@@ -44,13 +44,7 @@ from quantization_wrapper.training import quantized_layers  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only contend (on a busy 2-core machine a step took 60x longer)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 8
 N_LAYERS = 2 * len(TARGETS)
 

@@ -365,7 +365,6 @@ class HQQAdapter(QuantizationAdapter):
         compute = self._compute_dtype(config, linear.weight.dtype)
         self._check_shape(linear.in_features, linear.out_features, config)
         device = self.device or linear.weight.device
-        hqq = _hqq()
         # HQQLinear unbinds the parameters of the layer it is given: hand it a shell that shares
         # the tensors (read-only for hqq) but not the module.
         shell = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
@@ -403,7 +402,6 @@ class HQQAdapter(QuantizationAdapter):
         compute = self._compute_dtype(config, dtype or torch.float32)
         self._check_shape(in_features, out_features, config)
         device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
-        hqq = _hqq()
         module = _layer_class()(None, self._quant_config(config, False), compute_dtype=compute,
                                device=str(device), initialize=False)
         raw = _raw_skeleton_state(config, in_features, out_features, bias, compute, device)
