@@ -5,18 +5,23 @@ which are small, are real), then reads the checkpoint tensor by tensor and quant
 weight as soon as it (and its bias) has arrived. At no time does more than the quantized model plus
 a few full-precision layers exist in memory.
 
-Tensors are read with positioned reads straight into their final storage, not through a memory
-map: every page of a mapped file that is touched counts in the process' resident memory until the
-file is closed, so mapping a multi-GB checkpoint would cost as much RSS as loading it.
+Files are memory-mapped privately (copy-on-write, as safetensors does): a tensor is a view of the
+OS page cache, read without a copy. Every page of a mapping that is touched counts in the
+process' resident memory until it is unmapped, so the streaming loader hands each layer's pages
+back (``madvise(MADV_DONTNEED)``) as soon as the layer is quantized: a multi-GB checkpoint passes
+through a few MB of resident memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import importlib
 import json
 import logging
 import math
+import mmap
 import os
 import struct
 import sys
@@ -30,6 +35,7 @@ from tqdm.auto import tqdm
 
 from backend_manager import Backend, detect_backend
 
+from .adapters.base import leaf_tensors
 from .config import QuantizationConfig, parse_dtype
 from .surgery import LayerDecision, convert_layer, plan_linear_layers, record_plan
 
@@ -75,18 +81,26 @@ def release_freed_memory_to_os() -> bool:
 
 
 class SafetensorsReader:
-    """Read tensors of one ``.safetensors`` file with positioned reads (no memory map).
+    """Tensors of one ``.safetensors`` file, as views of a private memory map or as copies.
 
     The header (an 8-byte little-endian length, then JSON) is parsed and checked against the
-    file size; :meth:`read` allocates the tensor and fills it in place with ``readinto``.
+    file size. :meth:`view` gives a tensor backed by the file's pages (no copy; writes stay private
+    to this process), :meth:`read` a tensor in process memory, :meth:`release` hands pages back.
+
+    Args:
+        path: the file.
+        mmap: map the file (default). ``False`` reads every tensor with positioned reads; views are
+            then copies.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, mmap: bool = True):
         self.path = Path(path)
         try:
             self._file = open(self.path, "rb")
         except OSError as e:
             raise ValueError(f"{self.path}: cannot open ({e.strerror})") from e
+        self._map: Any = None
+        self._bytes: torch.Tensor | None = None
         size = os.fstat(self._file.fileno()).st_size
         head = self._file.read(8)
         if len(head) != 8:
@@ -113,14 +127,18 @@ class SafetensorsReader:
             except (KeyError, TypeError, ValueError) as e:
                 self.close()
                 raise ValueError(f"{self.path}: bad header entry for {name!r} ({e})") from e
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - begin != numel * torch.empty(0, dtype=dtype).element_size() or self._start + end > size:
+            if end - begin != math.prod(shape) * dtype.itemsize or self._start + end > size:
                 self.close()
                 raise ValueError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong size "
                                  f"(file truncated or corrupt)")
             self.entries[name] = (dtype, shape, begin, end)
+        if mmap and size > self._start:
+            try:
+                self._map = _mmap_private(self._file.fileno())
+                self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+            except (OSError, ValueError) as e:  # e.g. a file system that cannot map: read instead
+                logger.debug("%s: cannot memory-map (%s); reading instead", self.path, e)
+                self._map = self._bytes = None
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -128,9 +146,22 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor ``name`` on the CPU (converted to ``dtype`` when given)."""
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` backed by the mapped file (a copy when the file is not mapped or the
+        tensor is not aligned to its element size). Valid after :meth:`close`: the mapping lives
+        as long as a view does."""
         stored, shape, begin, end = self.entries[name]
+        offset = self._start + begin
+        if self._bytes is None or end == begin or offset % stored.itemsize:
+            return self.read(name)
+        return self._bytes[offset:self._start + end].view(stored).reshape(shape)
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``name`` in process memory (converted to ``dtype`` when given)."""
+        stored, shape, begin, end = self.entries[name]
+        if self._bytes is not None and end > begin and (self._start + begin) % stored.itemsize == 0:
+            t = self.view(name)
+            return t.clone() if dtype is None or dtype == stored or not stored.is_floating_point else t.to(dtype)
         buf = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
             view = memoryview(buf.numpy())
@@ -143,7 +174,26 @@ class SafetensorsReader:
         t = buf.view(stored).reshape(shape)
         return t if dtype is None or dtype == stored or not stored.is_floating_point else t.to(dtype)
 
+    def release(self, names: Any) -> None:
+        """Hand the pages that lie wholly inside the tensors ``names`` back to the OS: the resident
+        memory their views cost drops, and touching them again re-reads the file (private writes
+        to those pages are lost, so only release tensors that are done with)."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        for name in names:
+            _, _, begin, end = self.entries[name]
+            first = -(-(self._start + begin) // page) * page
+            last = (self._start + end) // page * page
+            if last > first:
+                self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def close(self) -> None:
+        """Close the file. The mapping is unmapped when its last view dies (each view's storage
+        holds a reference to it), at once when none is alive; never explicitly, which would pull
+        the pages from under a view."""
+        self._bytes = None
+        self._map = None
         self._file.close()
 
     def __enter__(self) -> "SafetensorsReader":
@@ -153,11 +203,18 @@ class SafetensorsReader:
         self.close()
 
 
+def _mmap_private(fileno: int) -> mmap.mmap:
+    """A copy-on-write mapping of the whole file (writes never reach the file)."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(fileno, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return mmap.mmap(fileno, 0, access=mmap.ACCESS_COPY)  # Windows
+
+
 class CheckpointFiles:
     """The weight files of a transformers checkpoint directory: one ``model.safetensors`` or the
     shards named by ``model.safetensors.index.json``, validated before anything is read."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, mmap: bool = True):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ValueError(f"checkpoint directory not found: {self.directory}")
@@ -178,7 +235,7 @@ class CheckpointFiles:
                 raise ValueError(f"{self.directory}: no .safetensors weights (and no model.safetensors.index.json)")
             self.files = files
             self.weight_map = {}
-        self.readers = [SafetensorsReader(f) for f in self.files]
+        self.readers = [SafetensorsReader(f, mmap=mmap) for f in self.files]
         seen: dict[str, Path] = {}
         for reader in self.readers:
             for key in reader.keys():
@@ -245,10 +302,22 @@ def model_from_config(model_config: Any, *, dtype: torch.dtype | None = None, wh
     if dtype is not None and dtype.is_floating_point:
         torch.set_default_dtype(dtype)
     try:
-        with init_empty_weights(include_buffers=False):
+        # Parameters on meta need no initialization: skipping it saves ~0.3 s on a 1B model.
+        with init_empty_weights(include_buffers=False), _no_init_weights():
             return cls(model_config) if cls is not None else transformers.AutoModel.from_config(model_config)
     finally:
         torch.set_default_dtype(previous)
+
+
+def _no_init_weights() -> Any:
+    """transformers' ``no_init_weights`` context (v5 ``transformers.initialization``, v4
+    ``modeling_utils``), or a no-op where it does not exist."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return getattr(importlib.import_module(where), "no_init_weights")()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
 
 
 def build_skeleton(model_config: Any, saved_config: dict[str, Any] | None, *, where: str) -> nn.Module:
@@ -308,7 +377,8 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
     """Load a transformers checkpoint and quantize it on the fly, never holding it in full precision.
 
     The result equals loading the model in full precision and then calling ``quantize_model``
-    (bit-identical quantized tensors), at a fraction of the peak memory.
+    (bit-identical quantized tensors), at a fraction of the peak memory. The returned model owns
+    its memory: it does not depend on the checkpoint files afterwards.
 
     Args:
         checkpoint_dir: directory with ``config.json`` and ``model.safetensors`` or sharded
@@ -318,9 +388,12 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
         backend: a :class:`~backend_manager.Backend` or its string (``None``: detect).
         dtype: dtype of the non-quantized parameters and of the weights handed to the quantizer
             (``None``: as stored in the checkpoint).
-        workers: threads that quantize layers concurrently (``None``: 2 when the machine has at
-            least 4 cores, else 1, which quantizes in the reading thread -- torch already uses
-            every core inside one layer).
+        workers: threads that quantize layers concurrently while this one reads. ``None``: 2 on a
+            machine with at least 2 cores, else 1 (quantize in the reading thread). Each worker
+            runs torch ops on ``cores // workers`` threads (set for that thread only): two layers
+            side by side on one core each beat one layer on two cores, because quantization is a
+            chain of small memory-bound ops. Each worker holds one layer's temporaries (about 16
+            bytes per weight for NF4), so more workers cost memory.
         progress: show a tqdm progress bar over the tensors.
         module_filter: as in ``quantize_model``.
 
@@ -337,10 +410,11 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
     dtype = parse_dtype(dtype, "dtype")
     release_freed_memory_to_os()
     backend = detect_backend() if backend is None else Backend.parse(backend)
+    cores = os.cpu_count() or 1
     if workers is None:
-        workers = 2 if (os.cpu_count() or 1) >= 4 else 1
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers={workers!r} must be a positive int")
+        workers = 2 if cores >= 2 else 1
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers={workers!r} must be a positive int (threads that quantize layers side by side)")
     with CheckpointFiles(checkpoint_dir) as files:
         shapes = files.shapes()
         if config is None:
@@ -355,46 +429,55 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
         _check_keys(checkpoint_dir, model, expected, shapes)
 
         pending: dict[str, dict[str, torch.Tensor]] = {}
-        jobs = []
+        jobs: list[Future] = []
         bar = tqdm(total=len(shapes), desc=f"loading+quantizing ({adapter.config.method.value})", unit="tensor",
                    disable=not progress)
 
-        def finish(decision: LayerDecision, tensors: dict[str, torch.Tensor]) -> tuple[str, nn.Module]:
+        def finish(decision: LayerDecision, reader: SafetensorsReader, keys: dict[str, str]) -> tuple[str, nn.Module]:
             linear = decision.linear
+            tensors = {attr: reader.view(key) for attr, key in keys.items()}
+            if dtype is not None:
+                tensors = {a: t.to(dtype) if t.is_floating_point() else t for a, t in tensors.items()}
             real = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
             real.weight = nn.Parameter(tensors["weight"], requires_grad=False)
             if linear.bias is not None:
                 real.bias = nn.Parameter(tensors["bias"], requires_grad=False)
             real.train(linear.training)
+            weight_dtype = real.weight.dtype
             module = convert_layer(adapter, LayerDecision(decision.name, real, decision.config, decision.reason))
+            del real, tensors
+            _own_memory(module, reader, decision.name)
+            reader.release(keys.values())
             # The plan's "bytes before" is that of the weights as loaded; keep only their shape/dtype.
             decisions[decision.name] = LayerDecision(
                 decision.name, nn.Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                                         device="meta", dtype=real.weight.dtype), decision.config, decision.reason)
+                                         device="meta", dtype=weight_dtype), decision.config, decision.reason)
             return decision.name, module
 
-        # One worker runs inline: on a 2-core machine a reader thread beside the quantizer only
-        # steals the cores torch's intra-op threads use (measured: 8.1 s inline vs 9.9 s threaded).
-        with (ThreadPoolExecutor(max_workers=workers) if workers > 1 else _Inline()) as pool:
+        threads = max(1, cores // workers)
+        pool = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantize",
+                                   initializer=torch.set_num_threads, initargs=(threads,))
+                if workers > 1 else _Inline())
+        with pool:
             for reader in files.readers:
                 for key in reader.keys():
                     module_name, _, attr = key.rpartition(".")
-                    target_dtype = dtype if dtype is not None else None
-                    tensor = reader.read(key, target_dtype)
                     bar.update(1)
                     decision = decisions.get(module_name)
                     if decision is not None and decision.config is not None and attr in ("weight", "bias"):
                         slot = pending.setdefault(module_name, {})
-                        slot[attr] = tensor
+                        slot[attr] = key
                         needed = {"weight", "bias"} if decision.linear.bias is not None else {"weight"}
                         if needed <= slot.keys():
-                            jobs.append(pool.submit(finish, decision, pending.pop(module_name)))
-                            if len(jobs) >= 2 * workers:  # bound the full-precision layers in flight
+                            jobs.append(pool.submit(finish, decision, reader, pending.pop(module_name)))
+                            # Bound the layers in flight; collect finished ones as they come.
+                            while jobs and (len(jobs) > 2 * workers or jobs[0].done()):
                                 _install(model, jobs.pop(0).result())
                     else:
-                        _set_tensor(model, key, tensor)
-                while jobs:
-                    _install(model, jobs.pop(0).result())
+                        _set_tensor(model, key, reader.read(key, dtype))
+                        reader.release([key])
+            while jobs:
+                _install(model, jobs.pop(0).result())
         bar.close()
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -405,6 +488,29 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
     record_plan(model, adapter, list(decisions.values()))
     model.eval()
     return model
+
+
+def _own_memory(module: nn.Module, reader: SafetensorsReader, name: str) -> None:
+    """Give ``module`` private copies of any parameter or buffer that still views ``reader``'s
+    mapping (an adapter that keeps its input weight as is): the model must not depend on the file,
+    and the layer's pages are about to be released."""
+    if reader._bytes is None:
+        return
+    lo = reader._bytes.data_ptr()
+    hi = lo + reader._bytes.numel()
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for attr, t in list(store.items()):
+                if t is None or t.device.type != "cpu":
+                    continue
+                leaves = leaf_tensors(t)
+                if not any(lo <= leaf.data_ptr() < hi for leaf in leaves if leaf.numel()):
+                    continue
+                if type(t) not in (torch.Tensor, nn.Parameter):
+                    raise RuntimeError(f"{name}: the quantized layer's {attr!r} ({type(t).__name__}) shares "
+                                       f"memory with the checkpoint file; report this adapter bug")
+                copy = t.detach().clone()
+                store[attr] = nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy
 
 
 class _Inline:

@@ -80,21 +80,37 @@ def registered_methods() -> list[QuantizationMethod]:
     return [m for m in QuantizationMethod if m in ADAPTER_REGISTRY]
 
 
+def leaf_tensors(t: Any) -> list[torch.Tensor]:
+    """The plain tensors inside ``t``: ``[t]`` for a plain tensor, else those of a tensor subclass's
+    ``__tensor_flatten__``, recursively (quanto's packed data nests one subclass in another)."""
+    if not isinstance(t, torch.Tensor):
+        return []
+    if getattr(type(t), "__tensor_flatten__", None) is None:
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names for leaf in leaf_tensors(getattr(t, name))]
+
+
 def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes held by ``tensors``, each underlying storage counted once (shared views too)."""
+    """Bytes held by ``tensors``, each counted once however many of them view it (tied weights).
+
+    A tensor counts its own elements, not its whole storage: a model loaded from a memory map
+    holds views into one storage per file.
+    """
     seen: set[tuple[int, int]] = set()
     total = 0
     for t in tensors:
         if t is None or not isinstance(t, torch.Tensor):
             continue
+        nbytes = t.numel() * t.element_size()
         if t.device.type == "meta":
-            total += t.numel() * t.element_size()
+            total += nbytes
             continue
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        key = (t.data_ptr(), nbytes)
         if key in seen:
             continue
         seen.add(key)
-        total += t.untyped_storage().nbytes()
+        total += nbytes
     return total
 
 
