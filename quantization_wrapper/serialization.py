@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .adapters.base import QuantizationAdapter, get_adapter_class
+from .adapters.base import QuantizationAdapter, get_adapter_class, leaf_tensors
 from .config import QuantizationConfig, QuantizationMethod
 from .loading import SafetensorsReader, build_skeleton, release_freed_memory_to_os
 from .surgery import QuantizationPlan, get_quantization_plan
@@ -643,6 +643,18 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                 raise CheckpointError(f"{path}: tensor {key!r} could not be read ({e})") from e
             return tensor if device.type == "cpu" else tensor.to(device)
 
+        def restore(layer: Any, layer_cfg: QuantizationConfig, adapter: QuantizationAdapter, dtype: torch.dtype,
+                    state: dict[str, torch.Tensor]) -> nn.Module:
+            empty = adapter.create_quantized_linear(layer.in_features, layer.out_features, layer.bias,
+                                                    config=layer_cfg, device="meta", dtype=dtype)
+            try:
+                return adapter.load_layer_state(empty, state)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path}: layer {layer.name!r} could not be restored from "
+                                      f"{sorted(state)}: {type(e).__name__}: {e}") from e
+
         for layer in plan.layers:
             if layer.status == "skipped":
                 continue
@@ -658,20 +670,20 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                     f"architecture but {layer.out_features}x{layer.in_features} in the checkpoint")
             layer_cfg = _layer_config(config, layer.__dict__)
             adapter = _layer_adapter(config, layer.method, backend, adapters)
-            empty = adapter.create_quantized_linear(layer.in_features, layer.out_features, layer.bias,
-                                                    config=layer_cfg, device="meta",
-                                                    dtype=getattr(current, "weight", torch.empty(0)).dtype)
             prefix = layer.name + "."
-            keys = [k for k in list(handles) if k.startswith(prefix)]
+            keys = [k for k in handles if k.startswith(prefix)]
+            owners = {k[len(prefix):]: handles[k] for k in keys}
             state = {k[len(prefix):]: take(k) for k in keys}
-            try:
-                filled = adapter.load_layer_state(empty, state)
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path}: layer {layer.name!r} could not be restored from "
-                                      f"{sorted(state)}: {type(e).__name__}: {e}") from e
+            dtype = getattr(current, "weight", torch.empty(0)).dtype
+            filled = restore(layer, layer_cfg, adapter, dtype, state)
             model.set_submodule(layer.name, filled)
+            if mmap:  # hand back the pages of tensors the layer converted instead of keeping
+                kept = [(leaf.data_ptr(), leaf.data_ptr() + leaf.numel() * leaf.element_size())
+                        for t in list(filled.parameters()) + list(filled.buffers()) for leaf in leaf_tensors(t)]
+                for name, t in state.items():
+                    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+                    if not any(a < hi and lo < b for a, b in kept):
+                        owners[name].release([prefix + name])
 
         rest: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
@@ -713,6 +725,7 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
         raise CheckpointError(f"{path}: after loading, these tensors have no data: {leftovers[:10]}")
     if device.type != "cpu":
         model.to(device)
+    release_freed_memory_to_os()
     model.quantization_plan = plan
     model.quantization_config = config
     main = _layer_adapter(config, config.method.value, backend, adapters)

@@ -107,7 +107,7 @@ def _tinygemm_fails(qtype, out_features: int, group_size: int | None, dtype: tor
                     device: torch.device) -> bool:
     """quanto 0.2.7 picks tinygemm for CPU bfloat16 qint4 at group 128, whose packing raises
     ``expect N to be dividable by 16`` (torch 2.13)."""
-    return (qtype is _quanto().qint4 and dtype == torch.bfloat16 and group_size == 128
+    return (qtype == _quanto().qint4 and dtype == torch.bfloat16 and group_size == 128
             and device.type == "cpu" and out_features % 16 != 0)
 
 
@@ -203,10 +203,20 @@ def _tinygemm_weight(qtype, group_size: int, size: torch.Size, stride: tuple[int
     from optimum.quanto.tensor.weights.tinygemm.packed import TinyGemmPackedTensor
 
     out_features, in_features = size
-    grouped = PackedTensor(data, qtype.bits, (out_features * in_features // group_size, group_size),
-                           (group_size, 1)).unpack()
-    nibbles = grouped.reshape(out_features, in_features)
-    packed = TinyGemmPackedTensor(_int4pack(nibbles, *layout), nibbles.size(), nibbles.stride())
+    block, halves = layout
+    if halves and out_features % (2 * block) == 0 and data.numel() * 2 == out_features * in_features:
+        # quanto's packing pairs row n with row n + N/2; the kernel's (halves layout) pairs row j of
+        # a block with row j + block/2. Both blocks of a kernel byte lie in the same half of the
+        # rows, so one pass over the standard bytes regroups them: no nibble tensor in between.
+        pairs = data.reshape(out_features // 2 // block, 2, block // 2, in_features)
+        first, second = pairs[:, 0], pairs[:, 1]
+        regrouped = torch.cat([(first & 15) | (second << 4), (first >> 4) | (second & 0xF0)])
+        kernel_bytes = regrouped.transpose(1, 2).reshape(out_features, in_features // 2)
+    else:
+        grouped = PackedTensor(data, qtype.bits, (out_features * in_features // group_size, group_size),
+                               (group_size, 1)).unpack()
+        kernel_bytes = _int4pack(grouped.reshape(out_features, in_features), block, halves)
+    packed = TinyGemmPackedTensor(kernel_bytes, size, (in_features, 1))
     # quanto's TinyGemmWeightQBitsTensor.__init__: scale and mid-point shift in one tensor
     scale = scale.reshape(out_features, in_features // group_size, 1)
     shift = shift.reshape(out_features, in_features // group_size, 1)
@@ -251,6 +261,7 @@ def _quanto_linear_class() -> type:
     """Define :class:`QuantoLinear` on first use (it subclasses quanto's ``QLinear``)."""
     q = _quanto()
     from optimum.quanto.tensor import WeightQBitsTensor, quantize_weight
+    from optimum.quanto.tensor.qtype import qtype
 
     class QuantoLinear(q.QLinear):
         """optimum-quanto's ``QLinear`` with the two CPU kernel choices of quanto 0.2.7 that fail on
@@ -282,7 +293,7 @@ def _quanto_linear_class() -> type:
             scale = state_dict.get(prefix + "weight._scale")
             data = state_dict.get(prefix + "weight._data._data")
             shift = state_dict.get(prefix + "weight._shift")
-            if (self.weight_qtype is q.qint4 and self.weight_group_size == 128 and scale is not None
+            if (self.weight_qtype == q.qint4 and self.weight_group_size == 128 and scale is not None
                     and data is not None and shift is not None and scale.dtype == torch.bfloat16
                     and data.device.type == "cpu" and not self._tinygemm_fails(scale.dtype, scale.device)):
                 # What quanto's loader builds (WeightQBitsTensor.optimize -> tinygemm), minus its
@@ -317,7 +328,7 @@ def _quanto_linear_class() -> type:
                     value = {name: (copy.deepcopy(p, memo) if p is None or not isinstance(p, q.QTensor) else
                                     nn.Parameter(_map_leaves(p.detach(), torch.clone), requires_grad=p.requires_grad))
                              for name, p in value.items()}
-                else:
+                elif not isinstance(value, qtype):  # quanto's qtypes are shared constants
                     value = copy.deepcopy(value, memo)
                 new.__dict__[key] = value
             return new
@@ -360,6 +371,16 @@ def _exact_tinygemm_shifts(weight: torch.Tensor, scale: torch.Tensor, shift: tor
         warnings.warn(f"{int(wrong.sum())} of {n} bfloat16 int4 shifts cannot be saved exactly; after "
                       f"reloading, outputs may differ in the last bit", RuntimeWarning, stacklevel=3)
     return shift
+
+
+@functools.lru_cache(maxsize=256)
+def _frozen_meta_template(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                          method: QuantizationMethod) -> nn.Module:
+    qlinear = _quanto_linear_class()(in_features, out_features, bias, device="meta", dtype=dtype,
+                                     weights=_qtype(method))
+    with torch.no_grad():
+        qlinear.freeze()
+    return qlinear
 
 
 @register_adapter(M.QUANTO_INT2, M.QUANTO_INT4, M.QUANTO_INT8, M.QUANTO_FP8)
@@ -518,10 +539,9 @@ class QuantoAdapter(QuantizationAdapter):
         config = self._checked(config or self.config)
         device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
         dtype = config.compute_dtype or dtype or torch.get_default_dtype()
-        qlinear = _quanto_linear_class()(in_features, out_features, bias, device="meta", dtype=dtype,
-                                         weights=_qtype(config.method))
-        with torch.no_grad():
-            qlinear.freeze()  # on meta: quantized tensor types and shapes, no data
+        # Freezing runs quanto's quantization on meta tensors (~10 ms of Python per layer): do it
+        # once per shape and copy the template (quantized tensor types and shapes, no data).
+        qlinear = copy.deepcopy(_frozen_meta_template(in_features, out_features, bool(bias), dtype, config.method))
         if device.type != "meta":
             qlinear.weight = nn.Parameter(_map_leaves(qlinear.weight, lambda t: torch.empty_like(t, device=device)))
             if bias:
