@@ -160,3 +160,104 @@ def test_reader_matches_safetensors(checkpoint):
             for key, value in expected.items():
                 assert torch.equal(reader.read(key), value)
                 assert reader.read(key, torch.float32).dtype is torch.float32
+
+
+# ------------------------------------------------------------------ memory-mapped reading
+def test_views_are_zero_copy_and_survive_close(checkpoint):
+    shard = sorted(checkpoint.glob("model-*.safetensors"))[0]
+    reader = SafetensorsReader(shard)
+    key = max(reader.keys(), key=lambda k: torch.Size(reader.shape(k)).numel())
+    view, copy = reader.view(key), reader.read(key)
+    base = reader._bytes.data_ptr()
+    assert base <= view.data_ptr() < base + reader._bytes.numel()  # inside the mapping
+    assert not base <= copy.data_ptr() < base + reader._bytes.numel()
+    assert torch.equal(view, copy)
+    view.add_(1)  # copy-on-write: private to this process, never written to the file
+    reader.close()
+    assert torch.equal(view, copy + 1)  # the mapping lives as long as a view of it
+    with SafetensorsReader(shard) as again:
+        assert torch.equal(again.view(key), copy)
+    with SafetensorsReader(shard, mmap=False) as unmapped:
+        assert unmapped._bytes is None and torch.equal(unmapped.view(key), copy)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def test_release_hands_the_pages_back(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"big": torch.ones(64 * 2**20 // 4), "small": torch.arange(10.0)}, tmp_path / "t.safetensors")
+    with SafetensorsReader(tmp_path / "t.safetensors") as reader:
+        before = _rss()
+        assert reader.view("big").sum().item() == 16 * 2**20  # touches every page
+        touched = _rss()
+        reader.release(["big"])
+        released = _rss()
+        assert touched - before > 48 * 2**20
+        assert touched - released > 48 * 2**20
+        assert reader.view("big").sum().item() == 16 * 2**20  # read again from the file
+        assert torch.equal(reader.view("small"), torch.arange(10.0))
+
+
+def test_result_owns_its_memory(checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    model = load_and_quantize(path, qw.QuantizationConfig(method="hqq", group_size=32), progress=False)
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+    shutil.rmtree(path)  # nothing of the model may point into the files
+    for t in list(model.parameters()) + list(model.buffers()):
+        assert t.untyped_storage().nbytes() <= t.numel() * t.element_size() + 64
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_one_and_two_workers_give_the_same_model(checkpoint):
+    config = qw.QuantizationConfig(method="bnb_nf4")
+    one = load_and_quantize(checkpoint, config, progress=False, workers=1).state_dict()
+    two = load_and_quantize(checkpoint, config, progress=False, workers=2).state_dict()
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one if isinstance(one[k], torch.Tensor))
+    assert torch.get_num_threads() >= 1  # the workers' thread count is their own
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match=f"workers={bad!r} must be a positive int"):
+            load_and_quantize(checkpoint, config, workers=bad)
+
+
+def test_an_adapter_that_keeps_its_input_gets_a_copy(checkpoint, registry):
+    from torch import nn
+
+    from doubles import RowInt8Adapter
+    from quantization_wrapper.adapters.base import register_adapter
+
+    class Kept(nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.weight = linear.weight  # the checkpoint's view, as is
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    class KeepingAdapter(RowInt8Adapter):
+        @classmethod
+        def quantized_module_types(cls):
+            return (Kept,)
+
+        def quantize_linear(self, linear, name=None, *, config=None):
+            return Kept(linear)
+
+        def module_nbytes(self, module):
+            return module.weight.numel() * module.weight.element_size()
+
+    register_adapter("hqq")(KeepingAdapter)
+    model = load_and_quantize(checkpoint, qw.QuantizationConfig(method="hqq"), progress=False, workers=1)
+    kept = model.model.layers[0].mlp.up_proj
+    assert isinstance(kept, Kept)
+    assert kept.weight.untyped_storage().nbytes() == kept.weight.numel() * kept.weight.element_size()
+    reference = LlamaForCausalLM.from_pretrained(checkpoint).model.layers[0].mlp.up_proj.weight
+    assert torch.equal(kept.weight, reference)

@@ -309,3 +309,52 @@ def test_no_pickle_in_checkpoint(saved):
     _, path = saved
     for f in path.iterdir():
         assert b"\x80\x04\x95" not in f.read_bytes()[:4096]  # no pickle protocol-4 header
+
+
+# ------------------------------------------------------------------------------ memory maps, hashes
+@pytest.mark.parametrize("name", ["bnb_nf4", "bnb_int8", "hqq4", "quanto_int4", "mlx4"])
+def test_mapped_and_copied_loads_agree_and_survive_a_resave(name, tmp_path):
+    model, _ = quantized(CONFIGS[name])
+    path = save_quantized_model(model, tmp_path / "ckpt")
+    before = logits(model)
+    mapped, copied = load_quantized_model(path), load_quantized_model(path, mmap=False)
+    assert torch.equal(logits(mapped), before) and torch.equal(logits(copied), before)
+    emb_m, emb_c = mapped.model.embed_tokens.weight, copied.model.embed_tokens.weight
+    nbytes = emb_m.numel() * emb_m.element_size()
+    assert emb_m.untyped_storage().nbytes() > nbytes  # a view of the mapped file
+    assert emb_c.untyped_storage().nbytes() == nbytes  # its own memory
+    other, _ = quantized(CONFIGS[name], seed=1)
+    save_quantized_model(other, path)  # atomic replace: the mapped model keeps the old file's pages
+    assert torch.equal(logits(mapped), before)
+    assert not torch.equal(logits(load_quantized_model(path)), before)
+
+
+def test_block_hashes_are_verified_and_locate_the_damage(tmp_path, monkeypatch):
+    import hashlib
+
+    import quantization_wrapper.serialization as serialization
+
+    monkeypatch.setattr(serialization, "HASH_BLOCK", 4096)
+    model, _ = quantized(CONFIGS["hqq4"])
+    path = save_quantized_model(model, tmp_path / "ckpt")
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    rec = read_checkpoint_info(path)["files"]["model.safetensors"]
+    assert rec["sha256"] == hashlib.sha256(data).hexdigest() and rec["size"] == len(data)
+    assert rec["block_size"] == 4096 and len(rec["block_sha256"]) == -(-len(data) // 4096) > 2
+    assert rec["block_sha256"][1] == hashlib.sha256(data[4096:8192]).hexdigest()
+    assert verify_checkpoint(path)["model.safetensors"] == "ok"
+    damaged = bytearray(data)
+    damaged[5000] ^= 0xFF
+    f.write_bytes(bytes(damaged))
+    with pytest.raises(ChecksumError, match=r"model.safetensors: sha256 mismatch in bytes 4096-8192"):
+        load_quantized_model(path)
+    # a description without block hashes (as older saves wrote it) is verified file by file
+    desc = path / "quantization_config.json"
+    info = json.loads(desc.read_text())
+    del info["files"]["model.safetensors"]["block_size"], info["files"]["model.safetensors"]["block_sha256"]
+    desc.write_text(json.dumps(info))
+    with pytest.raises(ChecksumError, match=r"model.safetensors: sha256 mismatch \(the file"):
+        verify_checkpoint(path)
+    f.write_bytes(data)
+    assert verify_checkpoint(path)["model.safetensors"] == "ok"

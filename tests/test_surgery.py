@@ -179,3 +179,11 @@ def test_override_to_another_library_does_not_inherit_its_backend_options(tiny_m
     plan = tiny_model.quantization_plan
     assert plan["layers.1.mlp.up_proj"].method == "mlx_int4" and plan["layers.0.mlp.up_proj"].method == "hqq"
     assert adapter.for_method("mlx_int4").config.backend_options == {}
+
+
+def test_tensor_nbytes_counts_views_once_and_not_their_whole_storage():
+    storage = torch.zeros(1000, dtype=torch.float32)  # e.g. one memory-mapped file
+    a, b = storage[:100], storage[100:300].view(20, 10)
+    assert tensor_nbytes([a, b]) == 300 * 4  # not 2 x 4000
+    assert tensor_nbytes([a, a.view(10, 10), b]) == 300 * 4  # a tied alias counts once
+    assert tensor_nbytes([torch.empty(7, 3, dtype=torch.bfloat16, device="meta"), None]) == 42

@@ -398,3 +398,44 @@ def test_llama_layer_configs_skip_modules_and_filter():
     assert plan["model.layers.1.mlp.down_proj"].reason == "skip_modules: 'mlp.down_proj'"
     assert plan["model.layers.1.self_attn.k_proj"].reason == "excluded by module_filter"
     assert len(plan.quantized) == 10 and len(plan.skipped) == 5
+
+
+# ------------------------------------------------------------------ CPU int4 kernel layout
+def test_int4pack_layout_is_identified_and_each_candidate_inverts():
+    from quantization_wrapper.adapters.quanto import (_INT4PACK_CANDIDATES, _int4pack, _int4unpack,
+                                                      cpu_int4pack_layout)
+
+    layout = cpu_int4pack_layout()
+    assert layout in _INT4PACK_CANDIDATES  # one of torch's three layouts on this CPU
+    g = torch.Generator().manual_seed(0)
+    for n in (48, 128, 176, 2048):
+        w = torch.randint(0, 16, (n, 256), dtype=torch.uint8, generator=g)
+        kernel = torch._convert_weight_to_int4pack_for_cpu(w.to(torch.int32), innerKTiles=2)
+        assert torch.equal(_int4pack(w, *layout), kernel), n
+        for candidate in _INT4PACK_CANDIDATES:
+            assert torch.equal(_int4unpack(_int4pack(w, *candidate), n, 256, *candidate), w), (n, candidate)
+
+
+@pytest.mark.parametrize("out_features", [128, 176, 384, 2048])
+def test_int4_state_and_restore_equal_quanto_own_conversions(out_features):
+    """The fast unpack (save) and regroup (load) give bit for bit what quanto's own identity-matmul
+    unpack and int32 repack give; 176 rows take the general path, multiples of 128 the one-pass one."""
+    torch.manual_seed(out_features)
+    a = adapter("quanto_int4")
+    q = a.quantize_linear(nn.Linear(512, out_features, bias=True).to(torch.bfloat16))
+    assert type(q.weight).__name__ == "TinyGemmWeightQBitsTensor"
+    fast, own = a.layer_state_dict(q), q.state_dict()
+    assert fast.keys() == own.keys()
+    for key in fast:
+        if key != "weight._shift":  # the adapter's shifts are chosen to reload exactly (see above)
+            assert torch.equal(fast[key], own[key]), key
+    restored = a.load_layer_state(a.create_quantized_linear(512, out_features, True, device="meta",
+                                                            dtype=torch.bfloat16), dict(fast))
+    reference = quanto.QLinear(512, out_features, True, device="meta", dtype=torch.bfloat16, weights="qint4")
+    reference.load_state_dict(dict(fast), assign=True)  # quanto's loader: optimize() -> int32 -> kernel
+    assert torch.equal(restored.weight._data._data, reference.weight._data._data)
+    assert torch.equal(restored.weight._scale_shift, reference.weight._scale_shift)
+    assert torch.equal(restored.weight._data._data, q.weight._data._data)
+    x = torch.randn(5, 512, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(restored(x), q(x))
