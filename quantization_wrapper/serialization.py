@@ -20,6 +20,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -85,19 +86,30 @@ def _parse_size(size: int | str) -> int:
 HASH_BLOCK = 64 * 2**20
 
 
-def _hash_range(fd: int, offset: int, length: int, h: Any = None) -> str:
-    """sha256 of ``length`` bytes at ``offset`` of ``fd``, read through a 4 MiB buffer (positioned
-    reads: no file position shared between threads, no page of the file mapped into this process)."""
-    h = h if h is not None else hashlib.sha256()
-    buf = bytearray(min(length, 4 << 20) or 1)
-    view = memoryview(buf)
-    done = 0
-    while done < length:
-        n = os.preadv(fd, [view[:min(len(buf), length - done)]], offset + done)
-        if n <= 0:
-            raise ChecksumError(f"file shorter than expected (read {done} of {length} bytes at {offset})")
-        h.update(view[:n])
-        done += n
+def _hash_range(fd: int, offset: int, length: int) -> str:
+    """sha256 of ``length`` bytes at ``offset`` of ``fd``.
+
+    The range is memory-mapped and hashed in 64 MiB calls (hashlib releases the GIL for each: a
+    thread that takes the GIL back every few MB loses most of its time waiting for it while a
+    loader works in the main thread), then unmapped with its pages released, so hashing a file
+    adds at most one slice per thread to the resident memory.
+    """
+    h = hashlib.sha256()
+    if length == 0:
+        return h.hexdigest()
+    start = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    try:
+        mapped = mmap.mmap(fd, length + offset - start, access=mmap.ACCESS_READ, offset=start)
+    except (OSError, ValueError) as e:  # the file is shorter than the range
+        raise ChecksumError(f"cannot read {length} bytes at {offset} ({e})") from e
+    with mapped, memoryview(mapped) as view:
+        step = 64 << 20
+        for pos in range(offset - start, offset - start + length, step):
+            end = min(pos + step, offset - start + length)
+            h.update(view[pos:end])
+            if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                first = pos // mmap.PAGESIZE * mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
     return h.hexdigest()
 
 
@@ -576,13 +588,16 @@ def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, d
                                           expected_methods=expected_methods)
     info = read_checkpoint_info(path)
     if path.is_dir() and verify:
-        # Hash the files in a second thread while this one reads them (hashlib releases the GIL):
-        # verification costs no extra wall time on two cores. Nothing is returned before it passes.
+        # Hash the files on other threads (hashlib releases the GIL) while this one builds the
+        # skeleton and the empty layers, which is Python work; the layers are filled, which is
+        # tensor work, once the hashes have passed. Nothing is filled from, or returned for, a
+        # corrupt checkpoint.
         with ThreadPoolExecutor(max_workers=1) as pool:
             verification = pool.submit(verify_checkpoint, path)
             try:
                 model = _load_checkpoint(path, info, model_config, device=device, backend=backend,
-                                         expected_methods=expected_methods, mmap=mmap)
+                                         expected_methods=expected_methods, mmap=mmap,
+                                         before_filling=verification.result)
             except CheckpointError:
                 verification.result()  # a checksum failure explains a read failure better
                 raise
@@ -593,7 +608,7 @@ def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, d
 
 
 def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, device, backend,
-                     expected_methods, mmap: bool = True) -> nn.Module:
+                     expected_methods, mmap: bool = True, before_filling: Callable[[], Any] | None = None) -> nn.Module:
     config = QuantizationConfig.from_dict(info["quantization_config"])
     if expected_methods is not None and config.method not in tuple(expected_methods):
         raise CheckpointError(f"{path} was saved with method {config.method.value!r}; this adapter serves "
@@ -643,18 +658,7 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                 raise CheckpointError(f"{path}: tensor {key!r} could not be read ({e})") from e
             return tensor if device.type == "cpu" else tensor.to(device)
 
-        def restore(layer: Any, layer_cfg: QuantizationConfig, adapter: QuantizationAdapter, dtype: torch.dtype,
-                    state: dict[str, torch.Tensor]) -> nn.Module:
-            empty = adapter.create_quantized_linear(layer.in_features, layer.out_features, layer.bias,
-                                                    config=layer_cfg, device="meta", dtype=dtype)
-            try:
-                return adapter.load_layer_state(empty, state)
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path}: layer {layer.name!r} could not be restored from "
-                                      f"{sorted(state)}: {type(e).__name__}: {e}") from e
-
+        empties = []
         for layer in plan.layers:
             if layer.status == "skipped":
                 continue
@@ -668,22 +672,14 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                 raise CheckpointError(
                     f"{path}: layer {layer.name!r} is {current.out_features}x{current.in_features} in the "
                     f"architecture but {layer.out_features}x{layer.in_features} in the checkpoint")
-            layer_cfg = _layer_config(config, layer.__dict__)
             adapter = _layer_adapter(config, layer.method, backend, adapters)
+            empty = adapter.create_quantized_linear(
+                layer.in_features, layer.out_features, layer.bias, config=_layer_config(config, layer.__dict__),
+                device="meta", dtype=getattr(current, "weight", torch.empty(0)).dtype)
             prefix = layer.name + "."
             keys = [k for k in handles if k.startswith(prefix)]
             owners = {k[len(prefix):]: handles[k] for k in keys}
-            state = {k[len(prefix):]: take(k) for k in keys}
-            dtype = getattr(current, "weight", torch.empty(0)).dtype
-            filled = restore(layer, layer_cfg, adapter, dtype, state)
-            model.set_submodule(layer.name, filled)
-            if mmap:  # hand back the pages of tensors the layer converted instead of keeping
-                kept = [(leaf.data_ptr(), leaf.data_ptr() + leaf.numel() * leaf.element_size())
-                        for t in list(filled.parameters()) + list(filled.buffers()) for leaf in leaf_tensors(t)]
-                for name, t in state.items():
-                    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-                    if not any(a < hi and lo < b for a, b in kept):
-                        owners[name].release([prefix + name])
+            empties.append((layer.name, adapter, empty, {k[len(prefix):]: take(k) for k in keys}, owners))
 
         rest: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
@@ -692,6 +688,26 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                 buffers[key[len("__buffer__."):]] = take(key)
             else:
                 rest[key] = take(key)
+
+        if before_filling is not None:
+            before_filling()
+        for name, adapter, empty, state, owners in empties:
+            try:
+                filled = adapter.load_layer_state(empty, state)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path}: layer {name!r} could not be restored from "
+                                      f"{sorted(state)}: {type(e).__name__}: {e}") from e
+            model.set_submodule(name, filled)
+            if mmap:  # hand back the pages of tensors the layer converted instead of keeping
+                kept = [(leaf.data_ptr(), leaf.data_ptr() + leaf.numel() * leaf.element_size())
+                        for t in list(filled.parameters()) + list(filled.buffers()) for leaf in leaf_tensors(t)]
+                for key, t in state.items():
+                    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+                    if not any(a < hi and lo < b for a, b in kept):
+                        owners[key].release([name + "." + key])
+        del empties
     for alias, source in info.get("tied", {}).items():
         if alias.startswith("__buffer__."):
             continue
