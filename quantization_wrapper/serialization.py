@@ -658,6 +658,26 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                 raise CheckpointError(f"{path}: tensor {key!r} could not be read ({e})") from e
             return tensor if device.type == "cpu" else tensor.to(device)
 
+        def fill(name: str, adapter: QuantizationAdapter, empty: nn.Module, state: dict[str, torch.Tensor],
+                 owners: dict[str, SafetensorsReader]) -> None:
+            try:
+                filled = adapter.load_layer_state(empty, state)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path}: layer {name!r} could not be restored from "
+                                      f"{sorted(state)}: {type(e).__name__}: {e}") from e
+            model.set_submodule(name, filled)
+            if mmap:  # hand back the pages of tensors the layer converted instead of keeping
+                kept = [(leaf.data_ptr(), leaf.data_ptr() + leaf.numel() * leaf.element_size())
+                        for t in list(filled.parameters()) + list(filled.buffers()) for leaf in leaf_tensors(t)]
+                for key, t in state.items():
+                    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+                    if not any(a < hi and lo < b for a, b in kept):
+                        owners[key].release([name + "." + key])
+
+        # Layers whose filling is multi-threaded tensor work wait for the checksums (it runs faster
+        # after the hashing threads than beside them); the others are filled as they are read.
         empties = []
         for layer in plan.layers:
             if layer.status == "skipped":
@@ -679,7 +699,11 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
             prefix = layer.name + "."
             keys = [k for k in handles if k.startswith(prefix)]
             owners = {k[len(prefix):]: handles[k] for k in keys}
-            empties.append((layer.name, adapter, empty, {k[len(prefix):]: take(k) for k in keys}, owners))
+            item = (layer.name, adapter, empty, {k[len(prefix):]: take(k) for k in keys}, owners)
+            if adapter.fill_after_verification and before_filling is not None:
+                empties.append(item)
+            else:
+                fill(*item)
 
         rest: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
@@ -689,24 +713,10 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
             else:
                 rest[key] = take(key)
 
-        if before_filling is not None:
+        if empties:
             before_filling()
-        for name, adapter, empty, state, owners in empties:
-            try:
-                filled = adapter.load_layer_state(empty, state)
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path}: layer {name!r} could not be restored from "
-                                      f"{sorted(state)}: {type(e).__name__}: {e}") from e
-            model.set_submodule(name, filled)
-            if mmap:  # hand back the pages of tensors the layer converted instead of keeping
-                kept = [(leaf.data_ptr(), leaf.data_ptr() + leaf.numel() * leaf.element_size())
-                        for t in list(filled.parameters()) + list(filled.buffers()) for leaf in leaf_tensors(t)]
-                for key, t in state.items():
-                    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-                    if not any(a < hi and lo < b for a, b in kept):
-                        owners[key].release([name + "." + key])
+        for item in empties:
+            fill(*item)
         del empties
     for alias, source in info.get("tied", {}).items():
         if alias.startswith("__buffer__."):

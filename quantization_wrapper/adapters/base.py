@@ -151,6 +151,9 @@ class QuantizationAdapter(ABC):
     # Where the quantized layer classes are defined, when not in the library itself (checked in
     # sys.modules before isinstance tests, so that asking never imports a library).
     types_module: ClassVar[str | None] = None
+    #: Whether :meth:`load_layer_state` does multi-threaded tensor work (a repack for a kernel):
+    #: loading then fills such layers after the checksum threads are done, not beside them.
+    fill_after_verification: ClassVar[bool] = False
 
     def __init__(self, config: QuantizationConfig | None = None, backend: Backend | str | None = None,
                  *, device: torch.device | str | None = None):

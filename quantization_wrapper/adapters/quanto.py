@@ -398,6 +398,7 @@ class QuantoAdapter(QuantizationAdapter):
 
     library = "optimum-quanto"
     library_module = "optimum.quanto"
+    fill_after_verification = True  # CPU bfloat16 int4 is regrouped for torch's int4 kernel
 
     def __init__(self, config: QuantizationConfig | None = None, backend=None, *, device=None):
         super().__init__(config, backend, device=device)
