@@ -123,7 +123,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     try:
         info = read_checkpoint_info(path)
-        checks = verify_checkpoint(path) if not args.no_verify else {}
+        checks = verify_checkpoint(path, full=True) if not args.no_verify else {}
     except CheckpointError as e:
         raise CLIError(str(e), 1) from e
     plan = QuantizationPlan.from_dict(info["plan"])

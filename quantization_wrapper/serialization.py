@@ -24,6 +24,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import zlib
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -81,22 +82,56 @@ def _parse_size(size: int | str) -> int:
     raise ValueError(f"max_shard_size={size!r} is not a size; write e.g. 500MB, 2GB or a number of bytes")
 
 
-#: Files are hashed whole (``sha256``, what ``sha256sum`` prints) and in blocks of this size
-#: (``block_sha256``), which loading verifies on every core at once.
+#: Files are hashed whole (``sha256``, what ``sha256sum`` prints) and checksummed in blocks of
+#: this size (``block_crc32``), which loading verifies on every core at once. The sums are stored
+#: unsigned next to the data, so they guard against accidents (truncation, bit rot, a partial
+#: copy), not against someone who can rewrite the description too; for that CRC-32 per 64 MiB
+#: (every burst of <= 32 flipped bits caught, anything else missed with probability 2**-32) does
+#: the job at 2.2 GB/s per core against sha256's 1.3 GB/s. ``verify_checkpoint(path, full=True)``
+#: checks the sha256s as well.
 HASH_BLOCK = 64 * 2**20
 
 
-def _hash_range(fd: int, offset: int, length: int) -> str:
-    """sha256 of ``length`` bytes at ``offset`` of ``fd``.
+class _Sha256:
+    name = "sha256"
 
-    The range is memory-mapped and hashed in 64 MiB calls (hashlib releases the GIL for each: a
-    thread that takes the GIL back every few MB loses most of its time waiting for it while a
-    loader works in the main thread), then unmapped with its pages released, so hashing a file
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, data: Any) -> None:
+        self._h.update(data)
+
+    def result(self) -> str:
+        return self._h.hexdigest()
+
+
+class _Crc32:
+    name = "CRC-32"
+
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data: Any) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def result(self) -> int:
+        return self._crc
+
+
+_BLOCK_SUMS = {"block_crc32": _Crc32, "block_sha256": _Sha256}  # (sha256 blocks: read, not written)
+
+
+def _sum_range(fd: int, offset: int, length: int, algorithm: type = _Sha256) -> Any:
+    """Checksum (``_Sha256`` or ``_Crc32``) of ``length`` bytes at ``offset`` of ``fd``.
+
+    The range is memory-mapped and summed in 64 MiB calls (hashlib and zlib release the GIL for
+    each: a thread that takes the GIL back every few MB loses most of its time waiting for it while
+    a loader works in the main thread), then unmapped with its pages released, so checking a file
     adds at most one slice per thread to the resident memory.
     """
-    h = hashlib.sha256()
+    h = algorithm()
     if length == 0:
-        return h.hexdigest()
+        return h.result()
     start = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
     try:
         mapped = mmap.mmap(fd, length + offset - start, access=mmap.ACCESS_READ, offset=start)
@@ -110,7 +145,7 @@ def _hash_range(fd: int, offset: int, length: int) -> str:
             if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
                 first = pos // mmap.PAGESIZE * mmap.PAGESIZE
                 mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
-    return h.hexdigest()
+    return h.result()
 
 
 def _threads() -> int:
@@ -120,23 +155,24 @@ def _threads() -> int:
 def _sha256(path: Path) -> str:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return _hash_range(fd, 0, os.fstat(fd).st_size)
+        return _sum_range(fd, 0, os.fstat(fd).st_size)
     finally:
         os.close(fd)
 
 
 def _file_record(path: Path) -> dict[str, Any]:
-    """Size, whole-file sha256 and per-block sha256 of ``path``, hashed on up to 4 threads."""
+    """Size, whole-file sha256 and per-block CRC-32 of ``path``, summed on up to 4 threads."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         with ThreadPoolExecutor(_threads()) as pool:
-            whole = pool.submit(_hash_range, fd, 0, size)
-            blocks = [pool.submit(_hash_range, fd, o, min(HASH_BLOCK, size - o)) for o in range(0, size, HASH_BLOCK)]
+            whole = pool.submit(_sum_range, fd, 0, size)
+            blocks = [pool.submit(_sum_range, fd, o, min(HASH_BLOCK, size - o), _Crc32)
+                      for o in range(0, size, HASH_BLOCK)]
             record = {"sha256": whole.result(), "size": size}
             if len(blocks) > 1:
                 record["block_size"] = HASH_BLOCK
-                record["block_sha256"] = [b.result() for b in blocks]
+                record["block_crc32"] = [b.result() for b in blocks]
         return record
     finally:
         os.close(fd)
@@ -483,15 +519,19 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict[str, str]:
-    """Check every recorded file's size and sha256. Returns ``{file: "ok"}``.
+def verify_checkpoint(path: str | os.PathLike, *, full: bool = False) -> dict[str, str]:
+    """Check every recorded file's size and checksums. Returns ``{file: "ok"}``.
 
-    Files saved with block hashes are verified block by block on up to 4 threads (1.2 GB in about
-    0.6 s on 2 cores); others by their whole-file sha256.
+    Files saved with block checksums are verified block by block on up to 4 threads (1.2 GB in
+    about 0.3 s on 2 cores); others by their whole-file sha256.
+
+    Args:
+        path: the checkpoint directory.
+        full: also check every file's whole sha256 (what ``sha256sum`` prints), besides its blocks.
 
     Raises:
-        ChecksumError: naming the file whose size or hash differs (and the byte range), or that is
-            missing.
+        ChecksumError: naming the file whose size or checksum differs (and the byte range), or
+            that is missing.
     """
     path = Path(path)
     info = read_checkpoint_info(path)
@@ -509,15 +549,19 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, str]:
                 raise ChecksumError(f"{f}: size {f.stat().st_size} bytes, expected {rec['size']} "
                                     f"(truncated or modified)")
             fds[name] = os.open(f, os.O_RDONLY)
-            block, hashes = rec.get("block_size"), rec.get("block_sha256")
-            if isinstance(block, int) and block > 0 and isinstance(hashes, list) and \
-                    len(hashes) == -(-rec["size"] // block):
-                jobs += [(name, i * block, min(block, rec["size"] - i * block), want) for i, want in enumerate(hashes)]
+            block = rec.get("block_size")
+            kind = next((k for k in _BLOCK_SUMS if isinstance(rec.get(k), list)), None)
+            sums = rec.get(kind) if kind else None
+            if isinstance(block, int) and block > 0 and sums and len(sums) == -(-rec["size"] // block):
+                jobs += [(name, i * block, min(block, rec["size"] - i * block), want, _BLOCK_SUMS[kind])
+                         for i, want in enumerate(sums)]
+                if full:
+                    jobs.append((name, 0, rec["size"], rec["sha256"], _Sha256))
             else:
-                jobs.append((name, 0, rec["size"], rec["sha256"]))
+                jobs.append((name, 0, rec["size"], rec["sha256"], _Sha256))
         with ThreadPoolExecutor(_threads()) as pool:
-            futures = [(job, pool.submit(_hash_range, fds[job[0]], job[1], job[2])) for job in jobs]
-            for (name, offset, length, want), future in futures:
+            futures = [(job, pool.submit(_sum_range, fds[job[0]], job[1], job[2], job[4])) for job in jobs]
+            for (name, offset, length, want, algorithm), future in futures:
                 try:
                     got = future.result()
                 except ChecksumError as e:
@@ -526,7 +570,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, str]:
                     where = "" if length == records[name]["size"] else f" in bytes {offset}-{offset + length}"
                     for _, other in futures:
                         other.cancel()
-                    raise ChecksumError(f"{path / name}: sha256 mismatch{where} (the file was modified after saving)")
+                    raise ChecksumError(f"{path / name}: {algorithm.name} mismatch{where} (the file was modified "
+                                        f"after saving)")
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -329,8 +329,9 @@ def test_mapped_and_copied_loads_agree_and_survive_a_resave(name, tmp_path):
     assert not torch.equal(logits(load_quantized_model(path)), before)
 
 
-def test_block_hashes_are_verified_and_locate_the_damage(tmp_path, monkeypatch):
+def test_block_checksums_are_verified_and_locate_the_damage(tmp_path, monkeypatch):
     import hashlib
+    import zlib
 
     import quantization_wrapper.serialization as serialization
 
@@ -341,20 +342,35 @@ def test_block_hashes_are_verified_and_locate_the_damage(tmp_path, monkeypatch):
     data = f.read_bytes()
     rec = read_checkpoint_info(path)["files"]["model.safetensors"]
     assert rec["sha256"] == hashlib.sha256(data).hexdigest() and rec["size"] == len(data)
-    assert rec["block_size"] == 4096 and len(rec["block_sha256"]) == -(-len(data) // 4096) > 2
-    assert rec["block_sha256"][1] == hashlib.sha256(data[4096:8192]).hexdigest()
-    assert verify_checkpoint(path)["model.safetensors"] == "ok"
+    assert rec["block_size"] == 4096 and len(rec["block_crc32"]) == -(-len(data) // 4096) > 2
+    assert rec["block_crc32"][1] == zlib.crc32(data[4096:8192])
+    assert verify_checkpoint(path, full=True)["model.safetensors"] == "ok"
     damaged = bytearray(data)
     damaged[5000] ^= 0xFF
     f.write_bytes(bytes(damaged))
-    with pytest.raises(ChecksumError, match=r"model.safetensors: sha256 mismatch in bytes 4096-8192"):
+    with pytest.raises(ChecksumError, match=r"model.safetensors: CRC-32 mismatch in bytes 4096-8192"):
         load_quantized_model(path)
-    # a description without block hashes (as older saves wrote it) is verified file by file
+    # a description without block sums (as older saves wrote it) is verified by the file's sha256
     desc = path / "quantization_config.json"
     info = json.loads(desc.read_text())
-    del info["files"]["model.safetensors"]["block_size"], info["files"]["model.safetensors"]["block_sha256"]
+    del info["files"]["model.safetensors"]["block_size"], info["files"]["model.safetensors"]["block_crc32"]
     desc.write_text(json.dumps(info))
     with pytest.raises(ChecksumError, match=r"model.safetensors: sha256 mismatch \(the file"):
         verify_checkpoint(path)
     f.write_bytes(data)
     assert verify_checkpoint(path)["model.safetensors"] == "ok"
+
+
+def test_full_verification_checks_the_sha256_too(saved):
+    import zlib
+
+    _, path = saved
+    desc = path / "quantization_config.json"
+    info = json.loads(desc.read_text())
+    rec = info["files"]["model.safetensors"]
+    rec["block_size"], rec["block_crc32"] = rec["size"], [zlib.crc32((path / "model.safetensors").read_bytes())]
+    rec["sha256"] = "0" * 64  # the block sum right, the file's hash wrong
+    desc.write_text(json.dumps(info))
+    assert verify_checkpoint(path)["model.safetensors"] == "ok"
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        verify_checkpoint(path, full=True)
