@@ -261,6 +261,7 @@ def _quanto_linear_class() -> type:
     """Define :class:`QuantoLinear` on first use (it subclasses quanto's ``QLinear``)."""
     q = _quanto()
     from optimum.quanto.tensor import WeightQBitsTensor, quantize_weight
+    from optimum.quanto.tensor.optimizers import SymmetricOptimizer
     from optimum.quanto.tensor.qtype import qtype
 
     class QuantoLinear(q.QLinear):
@@ -272,14 +273,27 @@ def _quanto_linear_class() -> type:
 
         def freeze(self) -> None:
             weight = self.weight
-            if (self.weight_qtype is None or self.frozen
-                    or not self._tinygemm_fails(weight.dtype, weight.device)):
+            if self.weight_qtype is None or self.frozen or isinstance(self.optimizer, SymmetricOptimizer):
+                return super().freeze()
+            fails = self._tinygemm_fails(weight.dtype, weight.device)
+            # quanto's CPU bfloat16 int4 kernel layout, built by the one-pass regroup rather than
+            # through an int32 copy of the weight (bit for bit the same; ~12 ms less per 11M weights)
+            regroup = (not fails and self.weight_qtype == q.qint4 and self.weight_group_size == 128
+                       and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                       and self.activation_qtype is None)
+            if not (fails or regroup):
                 return super().freeze()
             scale, shift = self.optimizer(weight, qtype=self.weight_qtype, axis=0,
                                           group_size=self.weight_group_size)
-            self.weight = nn.Parameter(quantize_weight(
-                weight, qtype=self.weight_qtype, axis=0, scale=scale, shift=shift,
-                group_size=self.weight_group_size, optimized=False))
+            frozen = quantize_weight(weight, qtype=self.weight_qtype, axis=0, scale=scale, shift=shift,
+                                     group_size=self.weight_group_size, optimized=False)
+            if regroup:
+                kernel = _tinygemm_weight(self.weight_qtype, 128, weight.size(), weight.stride(),
+                                          frozen._data._data, frozen._scale, frozen._shift)
+                if kernel is None:  # unknown kernel layout: quanto's own conversion
+                    return super().freeze()
+                frozen = kernel
+            self.weight = nn.Parameter(frozen)
 
         def forward(self, input: torch.Tensor) -> torch.Tensor:
             if self.frozen and _int8pack_fails(self.weight, input):

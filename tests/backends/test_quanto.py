@@ -418,12 +418,18 @@ def test_int4pack_layout_is_identified_and_each_candidate_inverts():
 
 @pytest.mark.parametrize("out_features", [128, 176, 384, 2048])
 def test_int4_state_and_restore_equal_quanto_own_conversions(out_features):
-    """The fast unpack (save) and regroup (load) give bit for bit what quanto's own identity-matmul
-    unpack and int32 repack give; 176 rows take the general path, multiples of 128 the one-pass one."""
+    """The one-pass regroup (freeze, load) and the direct unpack (save) give bit for bit what
+    quanto's own int32 repack and identity-matmul unpack give; 176 rows take the general path,
+    multiples of 128 the one-pass one."""
     torch.manual_seed(out_features)
     a = adapter("quanto_int4")
-    q = a.quantize_linear(nn.Linear(512, out_features, bias=True).to(torch.bfloat16))
+    layer = nn.Linear(512, out_features, bias=True).to(torch.bfloat16)
+    q = a.quantize_linear(layer)
     assert type(q.weight).__name__ == "TinyGemmWeightQBitsTensor"
+    own_freeze = quanto.QLinear.from_module(layer, weights=quanto.qint4)
+    own_freeze.freeze()  # quanto's int32 route to the kernel layout
+    assert torch.equal(q.weight._data._data, own_freeze.weight._data._data)
+    assert torch.equal(q.weight._scale_shift, own_freeze.weight._scale_shift)
     fast, own = a.layer_state_dict(q), q.state_dict()
     assert fast.keys() == own.keys()
     for key in fast:
