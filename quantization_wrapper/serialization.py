@@ -703,10 +703,11 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                 raise CheckpointError(f"{path}: tensor {key!r} could not be read ({e})") from e
             return tensor if device.type == "cpu" else tensor.to(device)
 
-        def fill(name: str, adapter: QuantizationAdapter, empty: nn.Module, state: dict[str, torch.Tensor],
-                 owners: dict[str, SafetensorsReader]) -> None:
+        def fill(name: str, adapter: QuantizationAdapter, layer: Any, layer_config: QuantizationConfig,
+                 dtype: torch.dtype, state: dict[str, torch.Tensor], owners: dict[str, SafetensorsReader]) -> None:
             try:
-                filled = adapter.load_layer_state(empty, state)
+                filled = adapter.restore_linear(layer.in_features, layer.out_features, layer.bias, state,
+                                                config=layer_config, dtype=dtype)
             except CheckpointError:
                 raise
             except Exception as e:
@@ -723,7 +724,7 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
 
         # Layers whose filling is multi-threaded tensor work wait for the checksums (it runs faster
         # after the hashing threads than beside them); the others are filled as they are read.
-        empties = []
+        deferred = []
         for layer in plan.layers:
             if layer.status == "skipped":
                 continue
@@ -738,15 +739,13 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                     f"{path}: layer {layer.name!r} is {current.out_features}x{current.in_features} in the "
                     f"architecture but {layer.out_features}x{layer.in_features} in the checkpoint")
             adapter = _layer_adapter(config, layer.method, backend, adapters)
-            empty = adapter.create_quantized_linear(
-                layer.in_features, layer.out_features, layer.bias, config=_layer_config(config, layer.__dict__),
-                device="meta", dtype=getattr(current, "weight", torch.empty(0)).dtype)
             prefix = layer.name + "."
             keys = [k for k in handles if k.startswith(prefix)]
             owners = {k[len(prefix):]: handles[k] for k in keys}
-            item = (layer.name, adapter, empty, {k[len(prefix):]: take(k) for k in keys}, owners)
+            item = (layer.name, adapter, layer, _layer_config(config, layer.__dict__),
+                    getattr(current, "weight", torch.empty(0)).dtype, {k[len(prefix):]: take(k) for k in keys}, owners)
             if adapter.fill_after_verification and before_filling is not None:
-                empties.append(item)
+                deferred.append(item)
             else:
                 fill(*item)
 
@@ -758,11 +757,11 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
             else:
                 rest[key] = take(key)
 
-        if empties:
+        if deferred:
             before_filling()
-        for item in empties:
+        for item in deferred:
             fill(*item)
-        del empties
+        del deferred
     for alias, source in info.get("tied", {}).items():
         if alias.startswith("__buffer__."):
             continue

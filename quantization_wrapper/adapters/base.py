@@ -243,6 +243,15 @@ class QuantizationAdapter(ABC):
         module.load_state_dict(state, strict=True, assign=True)
         return module
 
+    def restore_linear(self, in_features: int, out_features: int, bias: bool, state: dict[str, torch.Tensor], *,
+                       config: QuantizationConfig | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        """A quantized layer rebuilt from :meth:`layer_state_dict` output: what the loader calls.
+        By default :meth:`create_quantized_linear` on meta, then :meth:`load_layer_state`; an
+        adapter overrides it where it can build the layer more directly."""
+        empty = self.create_quantized_linear(in_features, out_features, bias, config=config, device="meta",
+                                             dtype=dtype)
+        return self.load_layer_state(empty, state)
+
     def layer_config(self, name: str | None, config: QuantizationConfig | None = None) -> QuantizationConfig:
         """The config to use for layer ``name``: ``config`` if given, else the resolved override."""
         if config is not None:

@@ -397,6 +397,15 @@ def _frozen_meta_template(in_features: int, out_features: int, bias: bool, dtype
     return qlinear
 
 
+@functools.lru_cache(maxsize=256)
+def _frozen_state_shapes(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                         method: QuantizationMethod) -> dict[str, tuple[int, ...]]:
+    """The state-dict key shapes of a frozen layer (what :meth:`QuantoAdapter.layer_state_dict`
+    gives for it)."""
+    template = _frozen_meta_template(in_features, out_features, bias, dtype, method)
+    return {k: tuple(v.shape) for k, v in template.state_dict().items()}
+
+
 @register_adapter(M.QUANTO_INT2, M.QUANTO_INT4, M.QUANTO_INT8, M.QUANTO_FP8)
 class QuantoAdapter(QuantizationAdapter):
     """Quantizes linear layers into optimum-quanto ``QLinear`` layers with frozen ``qint2``,
@@ -588,6 +597,33 @@ class QuantoAdapter(QuantizationAdapter):
             state["weight._shift"] = _exact_tinygemm_shifts(module.weight, state["weight._scale"],
                                                             state["weight._shift"])
         return state
+
+    def restore_linear(self, in_features: int, out_features: int, bias: bool, state: dict[str, torch.Tensor], *,
+                       config: QuantizationConfig | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        """A CPU bfloat16 ``qint4`` layer is built straight from its state (the standard bytes
+        regrouped for the kernel); every other layer through :meth:`load_layer_state`."""
+        config = self._checked(config or self.config)
+        scale, data, shift = (state.get(f"weight.{k}") for k in ("_scale", "_data._data", "_shift"))
+        # As quanto's loader does, the saved scales decide the layer's dtype (and its kernel).
+        if (config.method is M.QUANTO_INT4 and scale is not None
+                and data is not None and shift is not None and scale.dtype == torch.bfloat16
+                and data.device.type == "cpu" and (self.device is None or self.device.type == "cpu")
+                and quanto_group_size(in_features, config.method) == 128 and out_features % 16 == 0):
+            dtype = torch.bfloat16
+            expected = _frozen_state_shapes(in_features, out_features, bool(bias), dtype, config.method)
+            if {k: tuple(v.shape) for k, v in state.items()} == expected:
+                weight = _tinygemm_weight(_qtype(config.method), 128, torch.Size((out_features, in_features)),
+                                          (in_features, 1), data, scale, shift)
+                if weight is not None:
+                    qlinear = _quanto_linear_class()(in_features, out_features, bias, device="meta", dtype=dtype,
+                                                     weights=_qtype(config.method))
+                    qlinear.weight = nn.Parameter(weight, requires_grad=False)
+                    if bias:
+                        qlinear.bias = nn.Parameter(state["bias"])
+                    qlinear.input_scale = state["input_scale"]
+                    qlinear.output_scale = state["output_scale"]
+                    return qlinear
+        return super().restore_linear(in_features, out_features, bias, state, config=config, dtype=dtype)
 
     def load_layer_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         """Fill a layer from :meth:`create_quantized_linear` with :meth:`layer_state_dict` output
