@@ -76,7 +76,7 @@ def write_section(marker: str, text: str) -> None:
     DOC.write_text(doc, encoding="utf-8")
 
 
-def machine_line() -> str:
+def machine_line(runs: str = "One run per cell") -> str:
     import platform
 
     import psutil
@@ -84,4 +84,4 @@ def machine_line() -> str:
 
     return (f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
             f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"torch {torch.__version__}. One run per cell; compare ratios, not absolute times.")
+            f"torch {torch.__version__}. {runs}; compare ratios, not absolute times.")

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -59,8 +60,9 @@ _DTYPES = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 _MAX_HEADER = 100 * 2**20
-#: The streaming loader hands freed memory back to the OS after each this many bytes of weights.
-_TRIM_EVERY_BYTES = 64 * 2**20
+#: The streaming loader hands freed memory back to the OS when resident memory has grown this much
+#: since it last did (measured on a 1.1B Llama: 64 MiB of weights between trims cost INT8 ~1 s).
+_TRIM_SLACK = 256 * 2**20
 
 
 @functools.cache
@@ -79,8 +81,8 @@ def release_freed_memory_to_os() -> bool:
     Streaming a checkpoint allocates and frees one full-precision layer and its temporaries after
     another, between the small long-lived quantized tensors. glibc keeps such freed heap memory for
     reuse, which is fast but grows with fragmentation: measured on a 1.1B Llama, NF4 peaked at
-    2.3 GB instead of 1.45 GB. The loaders call this after each layer, which bounds the memory
-    and keeps the fast reuse between calls. (Forcing every block >= 1 MiB into its own mapping
+    2.3 GB instead of 1.45 GB. The streaming loader calls this whenever resident memory has grown
+    by 256 MiB, which bounds the memory and keeps the fast reuse between calls. (Forcing every block >= 1 MiB into its own mapping
     instead, with ``mallopt(M_MMAP_THRESHOLD)``, bounds it too but makes each temporary fault
     its pages in afresh: elementwise ops ran 3-5x slower.) A no-op outside glibc; returns whether
     memory was released.
@@ -442,7 +444,8 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
         bar = tqdm(total=len(shapes), desc=f"loading+quantizing ({adapter.config.method.value})", unit="tensor",
                    disable=not progress)
 
-        since_trim, trim_lock = [0], threading.Lock()
+        process, trim_lock = psutil.Process(), threading.Lock()
+        after_trim = [process.memory_info().rss]
 
         def finish(decision: LayerDecision, reader: SafetensorsReader, keys: dict[str, str]) -> tuple[str, nn.Module]:
             linear = decision.linear
@@ -459,13 +462,14 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
             del real, tensors
             _own_memory(module, reader, decision.name)
             reader.release(keys.values())
-            with trim_lock:  # return the freed temporaries every ~64 MiB of weights (a trim costs ~5 ms)
-                since_trim[0] += linear.in_features * linear.out_features * weight_dtype.itemsize
-                due = since_trim[0] >= _TRIM_EVERY_BYTES
-                if due:
-                    since_trim[0] = 0
+            # Hand the freed temporaries back once resident memory has grown by _TRIM_SLACK since
+            # the last trim: a trim costs 5-20 ms, so trimming after every layer would cost seconds.
+            with trim_lock:
+                due = process.memory_info().rss > after_trim[0] + _TRIM_SLACK
             if due:
                 release_freed_memory_to_os()
+                with trim_lock:
+                    after_trim[0] = process.memory_info().rss
             # The plan's "bytes before" is that of the weights as loaded; keep only their shape/dtype.
             decisions[decision.name] = LayerDecision(
                 decision.name, nn.Linear(linear.in_features, linear.out_features, linear.bias is not None,
