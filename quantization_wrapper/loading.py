@@ -82,10 +82,10 @@ def release_freed_memory_to_os() -> bool:
     another, between the small long-lived quantized tensors. glibc keeps such freed heap memory for
     reuse, which is fast but grows with fragmentation: measured on a 1.1B Llama, NF4 peaked at
     2.3 GB instead of 1.45 GB. The streaming loader calls this whenever resident memory has grown
-    by 256 MiB, which bounds the memory and keeps the fast reuse between calls. (Forcing every block >= 1 MiB into its own mapping
-    instead, with ``mallopt(M_MMAP_THRESHOLD)``, bounds it too but makes each temporary fault
-    its pages in afresh: elementwise ops ran 3-5x slower.) A no-op outside glibc; returns whether
-    memory was released.
+    by 256 MiB, which bounds the memory and keeps the fast reuse between calls. (Forcing every
+    block >= 1 MiB into its own mapping instead, with ``mallopt(M_MMAP_THRESHOLD)``, bounds it too
+    but makes each temporary fault its pages in afresh: elementwise ops ran 3-5x slower.) A no-op
+    outside glibc; returns whether memory was released.
     """
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
@@ -400,11 +400,12 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
         dtype: dtype of the non-quantized parameters and of the weights handed to the quantizer
             (``None``: as stored in the checkpoint).
         workers: threads that quantize layers concurrently while this one reads. ``None``: 2 on a
-            machine with at least 2 cores, else 1 (quantize in the reading thread). Each worker
-            runs torch ops on ``cores // workers`` threads (set for that thread only): two layers
-            side by side on one core each beat one layer on two cores, because quantization is a
-            chain of small memory-bound ops. Each worker holds one layer's temporaries (about 16
-            bytes per weight for NF4), so more workers cost memory.
+            machine with at least 2 cores when a second layer's temporaries fit in 256 MiB
+            (``quantize_workspace_per_weight`` of the adapter: about 16 bytes per weight for NF4,
+            110 for HQQ), else 1 (quantize in the reading thread). Each worker runs torch ops on
+            ``cores // workers`` threads (set for that thread only): two layers side by side on
+            one core each beat one layer on two cores, because quantization is a chain of small
+            memory-bound ops.
         progress: show a tqdm progress bar over the tensors.
         module_filter: as in ``quantize_model``.
 
@@ -422,9 +423,7 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
     release_freed_memory_to_os()
     backend = detect_backend() if backend is None else Backend.parse(backend)
     cores = os.cpu_count() or 1
-    if workers is None:
-        workers = 2 if cores >= 2 else 1
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise ValueError(f"workers={workers!r} must be a positive int (threads that quantize layers side by side)")
     with CheckpointFiles(checkpoint_dir) as files:
         shapes = files.shapes()
@@ -436,6 +435,8 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
         adapter = create_quantization_adapter(backend, config)
         model = build_empty_model(checkpoint_dir, dtype)
         decisions = {d.name: d for d in plan_linear_layers(model, adapter, module_filter=module_filter)}
+        if workers is None:
+            workers = _default_workers(cores, decisions.values())
         expected = dict(model.state_dict(keep_vars=True))
         _check_keys(checkpoint_dir, model, expected, shapes)
 
@@ -510,6 +511,25 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
     record_plan(model, adapter, list(decisions.values()))
     model.eval()
     return model
+
+
+#: A second quantizing worker is used when its temporaries fit in this much memory.
+_SECOND_WORKER_WORKSPACE = 256 * 2**20
+
+
+def _default_workers(cores: int, decisions: Any) -> int:
+    """2 on a machine with 2+ cores when a second layer's quantization temporaries (the largest
+    layer's weights x its adapter's ``quantize_workspace_per_weight``) fit in 256 MiB, else 1: the
+    streaming budget is the quantized model plus 0.5 GB, and HQQ's optimizer, for one, needs ~110
+    bytes per weight."""
+    from .adapters.base import get_adapter_class
+
+    if cores < 2:
+        return 1
+    workspace = max((d.linear.in_features * d.linear.out_features
+                     * get_adapter_class(d.config.method).quantize_workspace_per_weight
+                     for d in decisions if d.config is not None), default=0)
+    return 2 if workspace <= _SECOND_WORKER_WORKSPACE else 1
 
 
 def _own_memory(module: nn.Module, reader: SafetensorsReader, name: str) -> None:

@@ -151,6 +151,9 @@ class QuantizationAdapter(ABC):
     # Where the quantized layer classes are defined, when not in the library itself (checked in
     # sys.modules before isinstance tests, so that asking never imports a library).
     types_module: ClassVar[str | None] = None
+    #: Bytes of temporaries per weight while one layer is quantized (measured on CPU); the
+    #: streaming loader quantizes two layers at once only when a second one's fit its budget.
+    quantize_workspace_per_weight: ClassVar[float] = 16.0
     #: Whether :meth:`load_layer_state` does multi-threaded tensor work (a repack for a kernel):
     #: loading then fills such layers after the checksum threads are done, not beside them.
     fill_after_verification: ClassVar[bool] = False
