@@ -59,6 +59,7 @@ def model_bytes(model):
 
 
 REPEAT = 3  # set by --repeat
+NOTE = ("transformers' quanto size is what its `get_memory_footprint()` reports, which counts quanto's int4 weights at their bfloat16 size: both hold the same int4 tensors (ours are bit-identical to quanto's `freeze`). Wall times of INT8 and quanto int4 are on par with transformers (the same library op dominates both); a second quantizing worker is used only when its temporaries fit in 256 MiB.")
 
 
 def median_of_runs(run) -> dict:
@@ -179,6 +180,8 @@ def main() -> None:
             f"{ours['peak_rss'] / peer['peak_rss']:.2f} | {budget:.2f} | {'yes' if ours['peak_rss'] <= budget else 'NO'} | "
             f"{ours['size_gb']:.2f} / {peer['size_gb']:.2f} |")
     lines += [
+        "",
+        NOTE,
         "",
         "## Loading a saved quantized checkpoint vs quantizing again (issue: save and load)"
         + (" -- small model" if args.small else ""),
