@@ -426,6 +426,16 @@ class MLXQuantizedLinear(nn.Module):
         return out.to(x.dtype)
 
     # ---------------------------------------------------------------- module plumbing
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Assigning a new weight, scales or biases drops the MLX copies. FSDP2 swaps the sharded
+        # and the gathered parameters this way (its fast path is skipped when a module overrides
+        # __setattr__): the gathered tensor is the same object each step, refilled at what is
+        # often the same address with its version counter preserved, so the cache key alone cannot
+        # see the swap, and a copy kept past the reshard would hold the layer unsharded.
+        if name in ("weight", "scales", "biases") and self.__dict__.get("_mx_cache") is not None:
+            self.__dict__["_mx_cache"] = None
+        super().__setattr__(name, value)
+
     def _apply(self, fn, recurse: bool = True):
         # Packed bytes viewed as a float dtype must move between devices but never be cast:
         # hide them as uint8 (which dtype conversions skip) while ``fn`` runs.

@@ -302,6 +302,29 @@ def test_quantized_weights_share_memory_with_mlx(mx):
     assert loaded._mx_cache[1] is cached
 
 
+def test_parameter_swap_drops_the_mlx_copy(mx):
+    """FSDP2's pattern without processes: the gathered tensor is swapped out, refilled in place at
+    the same address with its version counter preserved, and swapped back. The MLX copy must go
+    with the swap (memory) and the next call must see the new bytes (no stale cache)."""
+    module = adapter().quantize_linear(make_linear(256, 96))
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        before = module(x)
+    assert module._mx_cache is not None
+    scales, ptr, version = module.scales, module.scales.data_ptr(), module.scales._version
+    module.scales = nn.Parameter(scales.detach().clone(), requires_grad=False)  # "reshard"
+    assert module._mx_cache is None
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(scales):
+        scales.mul_(2)  # "all-gather" writes new bytes, version kept
+    module.scales = scales  # "unshard": same object, same address, same version
+    assert (module.scales.data_ptr(), module.scales._version) == (ptr, version)
+    with torch.no_grad():
+        after = module(x)
+        module.kernel = "torch"
+        expected = module(x)
+    assert rel(after, expected) <= 1e-5 and rel(after, before) > 0.1
+
+
 # ---------------------------------------------------------------------- without mlx
 def test_without_mlx_the_torch_quantizer_and_path_give_the_same_layer(monkeypatch):
     linear = make_linear(256, 96, dtype=torch.float16)
