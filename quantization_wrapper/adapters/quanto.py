@@ -170,6 +170,10 @@ def _int4unpack(packed: torch.Tensor, n: int, k: int, block: int, halves: bool) 
     return out
 
 
+# 0x0F in every byte of an int64 (as a signed value)
+_LOW_NIBBLES = int.from_bytes(b"\x0f" * 8, "little", signed=True)
+
+
 @functools.cache
 def cpu_int4pack_layout() -> tuple[int, bool] | None:
     """``(rows per block, halves pairing)`` of this process' ``_convert_weight_to_int4pack_for_cpu``,
@@ -190,6 +194,28 @@ def cpu_int4pack_layout() -> tuple[int, bool] | None:
     return None
 
 
+def _regroup_halves(data: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
+    """quanto's standard int4 bytes ``[N/2, K]`` -> the kernel's halves-layout bytes ``[N, K/2]``
+    for ``block`` rows per kernel block (``N`` a multiple of ``2 * block``).
+
+    quanto pairs row ``n`` with row ``n + N/2`` in a byte; the kernel pairs row ``j`` of a block
+    with row ``j + block/2`` and runs its bytes along the input dimension. Both rows of a kernel
+    byte lie in the same half of the weight, so each block's two halves are transposed once and
+    their nibbles paired eight bytes at a time straight into the result (no nibble tensor).
+    """
+    blocks = out_features // 2 // block
+    rows = data.reshape(blocks, 2, block // 2, in_features).transpose(2, 3).contiguous()
+    first, second = rows[:, 0].view(torch.int64), rows[:, 1].view(torch.int64)
+    kernel = torch.empty(2, blocks, in_features, block // 16, dtype=torch.int64, device=data.device)
+    low, high = kernel[0], kernel[1]
+    scratch = torch.bitwise_and(second, _LOW_NIBBLES)
+    scratch <<= 4
+    torch.bitwise_and(first, _LOW_NIBBLES, out=low).bitwise_or_(scratch)
+    torch.bitwise_right_shift(first, 4, out=high).bitwise_and_(_LOW_NIBBLES)
+    high.bitwise_or_(torch.bitwise_and(second, ~_LOW_NIBBLES, out=scratch))
+    return kernel.view(torch.uint8).view(out_features, in_features // 2)
+
+
 def _tinygemm_weight(qtype, group_size: int, size: torch.Size, stride: tuple[int, ...], data: torch.Tensor,
                      scale: torch.Tensor, shift: torch.Tensor) -> Any:
     """A CPU ``TinyGemmWeightQBitsTensor`` from quanto's standard packed bytes, scales and shifts:
@@ -205,13 +231,7 @@ def _tinygemm_weight(qtype, group_size: int, size: torch.Size, stride: tuple[int
     out_features, in_features = size
     block, halves = layout
     if halves and out_features % (2 * block) == 0 and data.numel() * 2 == out_features * in_features:
-        # quanto's packing pairs row n with row n + N/2; the kernel's (halves layout) pairs row j of
-        # a block with row j + block/2. Both blocks of a kernel byte lie in the same half of the
-        # rows, so one pass over the standard bytes regroups them: no nibble tensor in between.
-        pairs = data.reshape(out_features // 2 // block, 2, block // 2, in_features)
-        first, second = pairs[:, 0], pairs[:, 1]
-        regrouped = torch.cat([(first & 15) | (second << 4), (first >> 4) | (second & 0xF0)])
-        kernel_bytes = regrouped.transpose(1, 2).reshape(out_features, in_features // 2)
+        kernel_bytes = _regroup_halves(data, out_features, in_features, block)
     else:
         grouped = PackedTensor(data, qtype.bits, (out_features * in_features // group_size, group_size),
                                (group_size, 1)).unpack()

@@ -416,6 +416,23 @@ def test_int4pack_layout_is_identified_and_each_candidate_inverts():
             assert torch.equal(_int4unpack(_int4pack(w, *candidate), n, 256, *candidate), w), (n, candidate)
 
 
+@pytest.mark.parametrize("block", [32, 64])
+def test_regroup_from_standard_bytes_equals_the_generic_pack_for_each_halves_layout(block):
+    """The fast regroup (load, freeze) gives the generic nibble pack's bytes for both of torch's
+    halves layouts, not only the one this CPU uses; quanto's standard packing pairs row n with
+    row n + N/2."""
+    from optimum.quanto.tensor.packed import PackedTensor
+
+    from quantization_wrapper.adapters.quanto import _int4pack, _regroup_halves
+
+    g = torch.Generator().manual_seed(block)
+    for n, k in ((2 * block, 128), (6 * block, 256), (2048, 512)):
+        nibbles = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        standard = PackedTensor.pack(nibbles, 4)._data
+        assert standard.shape == (n // 2, k)
+        assert torch.equal(_regroup_halves(standard, n, k, block), _int4pack(nibbles, block, True)), (n, k)
+
+
 @pytest.mark.parametrize("out_features", [128, 176, 384, 2048])
 def test_int4_state_and_restore_equal_quanto_own_conversions(out_features):
     """The one-pass regroup (freeze, load) and the direct unpack (save) give bit for bit what
