@@ -141,6 +141,20 @@ def test_layer_matches_bitsandbytes_and_error_bound(method, shape, bias, dtype):
     assert err < REL_ERROR_BOUND[method], f"{method} relative error {err:.4f}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_in_row_slices_equals_bitsandbytes_whole_layer(dtype):
+    """On the CPU the int8 quantizer runs on slices of ~1M weights: 1500 rows of 1536 make two
+    slices of 682 rows and a tail of 136, and the bytes and row scales are bitsandbytes' own."""
+    from quantization_wrapper.adapters.bnb import _INT8_CPU_SLICE
+
+    linear = make_linear(1536, 1500, True, dtype)
+    assert 1500 * 1536 > 2 * _INT8_CPU_SLICE and 1500 % (_INT8_CPU_SLICE // 1536)
+    layer = adapter_for("bnb_int8").quantize_linear(linear)
+    ref = reference_layer(linear, "bnb_int8")
+    assert torch.equal(layer.weight.data, ref.weight.data) and torch.equal(layer.weight.SCB, ref.weight.SCB)
+    assert layer.weight.SCB.dtype == torch.float32 and layer.weight.dtype == torch.int8
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_eval_mode_matches_bitsandbytes_and_keeps_the_layer_unchanged(method):
     """Eval-mode forward (no grad) gives bitsandbytes' result, and a 4-bit layer is not repacked:
