@@ -200,20 +200,19 @@ def _regroup_halves(data: torch.Tensor, out_features: int, in_features: int, blo
 
     quanto pairs row ``n`` with row ``n + N/2`` in a byte; the kernel pairs row ``j`` of a block
     with row ``j + block/2`` and runs its bytes along the input dimension. Both rows of a kernel
-    byte lie in the same half of the weight, so each block's two halves are transposed once and
-    their nibbles paired eight bytes at a time straight into the result (no nibble tensor).
+    byte lie in the same half of the weight, so each block's two halves are transposed once, into
+    the result, and their nibbles paired there eight bytes at a time (no nibble tensor).
     """
     blocks = out_features // 2 // block
-    rows = data.reshape(blocks, 2, block // 2, in_features).transpose(2, 3).contiguous()
-    first, second = rows[:, 0].view(torch.int64), rows[:, 1].view(torch.int64)
-    kernel = torch.empty(2, blocks, in_features, block // 16, dtype=torch.int64, device=data.device)
-    low, high = kernel[0], kernel[1]
-    scratch = torch.bitwise_and(second, _LOW_NIBBLES)
-    scratch <<= 4
-    torch.bitwise_and(first, _LOW_NIBBLES, out=low).bitwise_or_(scratch)
-    torch.bitwise_right_shift(first, 4, out=high).bitwise_and_(_LOW_NIBBLES)
-    high.bitwise_or_(torch.bitwise_and(second, ~_LOW_NIBBLES, out=scratch))
-    return kernel.view(torch.uint8).view(out_features, in_features // 2)
+    kernel = torch.empty(2, blocks, in_features, block // 2, dtype=torch.uint8, device=data.device)
+    kernel.copy_(data.reshape(blocks, 2, block // 2, in_features).permute(1, 0, 3, 2))
+    words = kernel.view(torch.int64)  # [0]: rows of each block's first half, [1]: its second half
+    first, second = words[0], words[1]
+    low_of_second = torch.bitwise_and(second, _LOW_NIBBLES).bitwise_left_shift_(4)
+    high_of_first = torch.bitwise_right_shift(first, 4).bitwise_and_(_LOW_NIBBLES)
+    second.bitwise_and_(~_LOW_NIBBLES).bitwise_or_(high_of_first)  # the kernel's second block
+    first.bitwise_and_(_LOW_NIBBLES).bitwise_or_(low_of_second)  # the kernel's first block
+    return kernel.view(out_features, in_features // 2)
 
 
 def _tinygemm_weight(qtype, group_size: int, size: torch.Size, stride: tuple[int, ...], data: torch.Tensor,
