@@ -60,9 +60,9 @@ def model_bytes(model):
 
 REPEAT = 3  # set by --repeat
 NOTE = ("transformers' quanto size is what its `get_memory_footprint()` reports, which counts quanto's int4 weights at "
-        "their bfloat16 size: both hold the same int4 tensors (ours are bit-identical to quanto's `freeze`). INT8 calls "
-        "bitsandbytes' row-wise quantizer on slices of ~1M weights (the same bytes as one call, with cache-sized "
-        "temporaries); quanto int4 regroups quanto's packed bytes for torch's CPU int4 kernel in one transposing copy "
+        "their bfloat16 size: both hold the same int4 tensors (ours are bit-identical to quanto's `freeze`). On the CPU, "
+        "bitsandbytes' quantizers (whole-tensor torch code) are called on slices of the weight, 256K weights for "
+        "4-bit and ~1M for INT8: the same bytes as one call, from cache-sized temporaries; quanto int4 regroups quanto's packed bytes for torch's CPU int4 kernel in one transposing copy "
         "and 64-bit nibble operations instead of quanto's int32 detour. A second quantizing worker is used only when "
         "its temporaries fit in 256 MiB.")
 

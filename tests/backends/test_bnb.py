@@ -155,6 +155,44 @@ def test_int8_in_row_slices_equals_bitsandbytes_whole_layer(dtype):
     assert layer.weight.SCB.dtype == torch.float32 and layer.weight.dtype == torch.int8
 
 
+@pytest.mark.parametrize("method,double_quant,storage,shape", [
+    ("bnb_nf4", True, torch.uint8, (2048, 640)),  # 5 slices of 256K weights, the last one partial
+    ("bnb_nf4", False, torch.bfloat16, (1001, 300)),  # a block straddles rows; the last block is partial
+    ("bnb_fp4", True, torch.float32, (1000, 301)),
+])
+def test_4bit_in_slices_equals_bitsandbytes_whole_layer(method, double_quant, storage, shape):
+    """On the CPU the 4-bit quantizer runs on slices of 256K weights; the packed bytes and the
+    quantization state (compressed statistics included) are those of bitsandbytes' own
+    quantize_4bit over the whole bfloat16 weight."""
+    from quantization_wrapper.adapters.bnb import _4BIT_CPU_SLICE
+
+    in_features, out_features = shape
+    assert in_features * out_features > _4BIT_CPU_SLICE
+    linear = make_linear(in_features, out_features, True, torch.bfloat16)
+    layer = adapter_for(method, double_quant=double_quant, storage_dtype=storage).quantize_linear(linear)
+    packed, state = bnb.functional.quantize_4bit(linear.weight.detach(), blocksize=64,
+                                                 compress_statistics=double_quant,
+                                                 quant_type=method.removeprefix("bnb_"), quant_storage=storage)
+    assert layer.weight.dtype == storage and layer.weight.bnb_quantized
+    assert torch.equal(layer.weight.data.view(torch.uint8), packed.view(torch.uint8))
+    ours, theirs = layer.weight.quant_state.as_dict(packed=True), state.as_dict(packed=True)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert (torch.equal(ours[key], theirs[key]) if isinstance(ours[key], torch.Tensor)
+                else ours[key] == theirs[key]), key
+    assert layer.quant_state is layer.weight.quant_state
+    # and the layer computes as bitsandbytes' own layer holding those tensors
+    own = bnb.nn.Linear4bit(in_features, out_features, True, compute_dtype=torch.bfloat16, device="meta")
+    own.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=64,
+                                   quant_type=method.removeprefix("bnb_"), quant_storage=storage,
+                                   bnb_quantized=True, module=own)
+    own.bias = nn.Parameter(linear.bias.detach().clone())
+    own.support_avx512bf16_for_cpu = False
+    x = torch.randn(3, in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), own(x))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_eval_mode_matches_bitsandbytes_and_keeps_the_layer_unchanged(method):
     """Eval-mode forward (no grad) gives bitsandbytes' result, and a 4-bit layer is not repacked:
