@@ -61,10 +61,11 @@ def model_bytes(model):
 REPEAT = 3  # set by --repeat
 NOTE = ("transformers' quanto size is what its `get_memory_footprint()` reports, which counts quanto's int4 weights at "
         "their bfloat16 size: both hold the same int4 tensors (ours are bit-identical to quanto's `freeze`). On the CPU, "
-        "bitsandbytes' quantizers (whole-tensor torch code) are called on slices of the weight, 256K weights for "
-        "4-bit and ~1M for INT8: the same bytes as one call, from cache-sized temporaries; quanto int4 regroups quanto's packed bytes for torch's CPU int4 kernel in one transposing copy "
-        "and 64-bit nibble operations instead of quanto's int32 detour. A second quantizing worker is used only when "
-        "its temporaries fit in 256 MiB.")
+        "the libraries' quantizers (whole-tensor torch code) are called on slices of each weight, 256K weights for "
+        "bitsandbytes 4-bit and quanto int4 and ~1M for INT8: the same bytes as one call, from cache-sized temporaries. "
+        "quanto int4 nibbles are packed once, for torch's CPU int4 kernel; a saved checkpoint holds quanto's own "
+        "layout, which loading regroups for the kernel in one transposing copy and 64-bit nibble operations. A second "
+        "quantizing worker is used only when its temporaries fit in 256 MiB.")
 
 
 def median_of_runs(run) -> dict:
