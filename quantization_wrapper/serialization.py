@@ -34,7 +34,7 @@ from torch import nn
 
 from .adapters.base import QuantizationAdapter, get_adapter_class, leaf_tensors
 from .config import QuantizationConfig, QuantizationMethod
-from .loading import SafetensorsReader, build_skeleton, release_freed_memory_to_os
+from .loading import SafetensorsReader, _Inline, build_skeleton, release_freed_memory_to_os
 from .surgery import QuantizationPlan, get_quantization_plan
 
 __all__ = [
@@ -578,10 +578,6 @@ def verify_checkpoint(path: str | os.PathLike, *, full: bool = False) -> dict[st
     return {name: "ok" for name in records}
 
 
-def _fill_workers() -> int:
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
-
-
 def _build_skeleton(path: Path, info: dict, model_config: Any) -> nn.Module:
     """The architecture with parameters on meta, from ``model_config`` or the saved config."""
     saved = info.get("config")
@@ -720,9 +716,7 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
 
         def fill(name: str, adapter: QuantizationAdapter, layer: Any, layer_config: QuantizationConfig,
                  dtype: torch.dtype, state: dict[str, torch.Tensor], owners: dict[str, SafetensorsReader],
-                 filled: nn.Module | None = None) -> None:
-            if filled is None:
-                filled = restore(name, adapter, layer, layer_config, dtype, state)
+                 filled: nn.Module) -> None:
             model.set_submodule(name, filled)
             if mmap:  # hand back the pages of tensors the layer converted instead of keeping
                 kept = [(leaf.data_ptr(), leaf.data_ptr() + leaf.numel() * leaf.element_size())
@@ -757,7 +751,7 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
             if adapter.fill_after_verification and before_filling is not None:
                 deferred.append(item)
             else:
-                fill(*item)
+                fill(*item, filled=restore(*item[:6]))
 
         rest: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
@@ -771,16 +765,14 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
             before_filling()
             # Their tensor work is a chain of memory-bound ops: two layers side by side on one
             # core each beat one layer on two cores (as when streaming).
-            workers = min(len(deferred), _fill_workers())
-            if workers > 1:
-                with ThreadPoolExecutor(workers, thread_name_prefix="restore", initializer=torch.set_num_threads,
-                                        initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
-                    futures = [pool.submit(restore, *item[:6]) for item in deferred]
-                    for item, future in zip(deferred, futures):
-                        fill(*item, filled=future.result())
-            else:
-                for item in deferred:
-                    fill(*item)
+            cores = os.cpu_count() or 1
+            workers = min(len(deferred), 2 if cores >= 2 else 1)
+            pool = (ThreadPoolExecutor(workers, thread_name_prefix="restore", initializer=torch.set_num_threads,
+                                       initargs=(max(1, cores // workers),)) if workers > 1 else _Inline())
+            with pool:
+                futures = [pool.submit(restore, *item[:6]) for item in deferred]
+                for item, future in zip(deferred, futures):
+                    fill(*item, filled=future.result())
         del deferred
     for alias, source in info.get("tied", {}).items():
         if alias.startswith("__buffer__."):
