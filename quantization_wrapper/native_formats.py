@@ -69,7 +69,7 @@ _PT_SUFFIXES = (".pt", ".pth")
 
 
 def _error(message: str) -> Exception:
-    from .serialization import CheckpointError
+    from .errors import CheckpointError
 
     return CheckpointError(message)
 

@@ -16,14 +16,15 @@ copies read into process memory: the full-precision weights never exist.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
+import math
 import mmap
 import os
-import shutil
-import tempfile
+import re
 import zlib
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,6 +35,8 @@ from torch import nn
 
 from .adapters.base import QuantizationAdapter, get_adapter_class, leaf_tensors
 from .config import QuantizationConfig, QuantizationMethod
+from .checkpoint_dir import StagedDirectory, StagedFile, check_save_target, confined_file, recover
+from .errors import CheckpointError, ChecksumError, UnsafePathError
 from .loading import SafetensorsReader, _Inline, build_skeleton, release_freed_memory_to_os
 from .surgery import QuantizationPlan, get_quantization_plan
 
@@ -57,29 +60,29 @@ INDEX_NAME = "model.safetensors.index.json"
 _LIBRARIES = ("torch", "safetensors", "bitsandbytes", "hqq", "optimum-quanto", "mlx", "transformers", "peft")
 
 
-class CheckpointError(ValueError):
-    """The checkpoint is missing, malformed, or does not match the model."""
-
-
-class ChecksumError(CheckpointError):
-    """A file's sha256 or size differs from what was recorded at save time."""
-
-
 # ---------------------------------------------------------------------------------------- helpers
 def _parse_size(size: int | str) -> int:
+    """Bytes in ``size`` (an int, or text such as ``"500MB"``, ``"2GiB"``); positive and finite."""
+    allowed = "a positive number of bytes or a size such as 500MB, 2GB or 1GiB"
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"max_shard_size={size!r} is not a size; use {allowed}")
     if isinstance(size, int):
         if size <= 0:
-            raise ValueError(f"max_shard_size={size} must be positive")
+            raise ValueError(f"max_shard_size={size} must be positive; use {allowed}")
         return size
-    text = str(size).strip().upper().replace(" ", "")
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    text = size.strip().upper().replace(" ", "")
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1, "": 1}
     for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
         if text.endswith(unit):
+            number = text[: len(text) - len(unit)]
             try:
-                return int(float(text[: -len(unit)]) * factor)
+                value = float(number)
             except ValueError:
-                break
-    raise ValueError(f"max_shard_size={size!r} is not a size; write e.g. 500MB, 2GB or a number of bytes")
+                continue
+            if not math.isfinite(value) or value * factor < 1:
+                raise ValueError(f"max_shard_size={size!r} must be a positive, finite size; use {allowed}")
+            return int(value * factor)
+    raise ValueError(f"max_shard_size={size!r} is not a size; use {allowed}")
 
 
 #: Files are hashed whole (``sha256``, what ``sha256sum`` prints) and checksummed in blocks of
@@ -174,17 +177,6 @@ def _file_record(path: Path) -> dict[str, Any]:
                 record["block_size"] = HASH_BLOCK
                 record["block_crc32"] = [b.result() for b in blocks]
         return record
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -366,21 +358,41 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 
 def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "2GB",
-                         single_file: bool = False, _before_commit: Callable[[Path], None] | None = None) -> Path:
+                         single_file: bool = False, overwrite: bool = False,
+                         _before_commit: Callable[[Path], None] | None = None) -> Path:
     """Save a model quantized by this package.
 
-    The checkpoint is written to a temporary directory next to ``path``, fsynced, then renamed into
-    place: an interrupted save leaves any previous checkpoint at ``path`` intact.
+    Nothing the package did not write is ever deleted. The rules (``docs/reliability.md``):
+
+    * ``path`` new or an empty directory: the checkpoint is created there.
+    * ``path`` one of our checkpoints: it is replaced; files added to it since (a tokenizer, a
+      README) are kept.
+    * ``path`` a non-empty directory that is not one of our checkpoints: refused with
+      ``FileExistsError`` unless ``overwrite=True``; then files named like the checkpoint's
+      (``model*.safetensors``, ``config.json``, ...) are replaced and every other file is kept.
+    * never the directory the model's weights were read from, nor the working directory.
+
+    The checkpoint is written to a staging directory next to ``path``, fsynced, then exchanged with
+    ``path`` in one atomic rename: an interrupted save leaves the previous checkpoint loadable, and
+    the next save or load removes what it left behind (:func:`~quantization_wrapper.checkpoint_dir.recover`).
+    The directory gets the usual permissions (those of the directory it replaces, or the umask's).
 
     Args:
         model: a model with a ``quantization_plan`` (from ``quantize_model`` or ``load_quantized_model``).
         path: the checkpoint directory (or, with ``single_file=True``, the ``.safetensors`` file).
         max_shard_size: split ``model.safetensors`` into shards of at most this size (``"500MB"``,
             ``2 * 2**30``), with a ``model.safetensors.index.json`` as transformers writes it.
-        single_file: write one ``.safetensors`` file whose metadata holds the JSON description.
+        single_file: write one ``.safetensors`` file whose metadata holds the JSON description and
+            a CRC-32 of every tensor.
+        overwrite: allow writing into a non-empty directory (or over a file) that the package did
+            not write; see above.
 
     Returns:
         The path written.
+
+    Raises:
+        FileExistsError: ``path`` holds files of other origin and ``overwrite`` is False.
+        ValueError: no quantization plan, a bad ``max_shard_size``, or a forbidden ``path``.
     """
     from safetensors.torch import save_file
 
@@ -389,7 +401,13 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
     if plan is None or not isinstance(config, QuantizationConfig):
         raise ValueError("model has no quantization plan: quantize it with an adapter's quantize_model "
                          "(or load it with load_quantized_model) before saving")
-    path = Path(path)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite={overwrite!r} must be True or False")
+    path = Path(os.path.abspath(path))
+    if single_file and path.suffix != ".safetensors":
+        raise ValueError(f"single_file=True needs a path ending in .safetensors, got {str(path)!r}")
+    max_bytes = _parse_size(max_shard_size)
+    check_save_target(path, overwrite=overwrite, model=model, single_file=single_file)
     tensors, tied = _collect_tensors(model, plan, config)
     description = {
         "format": "quantization-wrapper",
@@ -402,87 +420,86 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
     }
     hf_config = getattr(model, "config", None)
 
-    if single_file:
-        if path.suffix != ".safetensors":
-            raise ValueError(f"single_file=True needs a path ending in .safetensors, got {str(path)!r}")
-        if hf_config is not None and hasattr(hf_config, "to_dict"):
-            description["config"] = _hf_config_dict(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"quantization_wrapper": json.dumps(description, default=str)})
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            if _before_commit is not None:
-                _before_commit(Path(tmp))
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
-
-    max_bytes = _parse_size(max_shard_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        shards = _shards(tensors, max_bytes)
-        files: dict[str, dict[str, Any]] = {}
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards, 1):
-            name = WEIGHTS_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, staging / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (staging / INDEX_NAME).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        if hf_config is not None and hasattr(hf_config, "to_dict"):
-            (staging / "config.json").write_text(json.dumps(_hf_config_dict(model), indent=2, default=str))
-        for name, content in _interop(model)[1].items():
-            (staging / name).write_text(json.dumps(content, indent=2))
-        for f in sorted(staging.iterdir()):
-            with open(f, "rb+") as fh:
+        if single_file:
+            if hf_config is not None and hasattr(hf_config, "to_dict"):
+                description["config"] = _hf_config_dict(model)
+            description["tensor_crc32"] = {name: _tensor_crc32(t) for name, t in tensors.items()}
+            with StagedFile(path) as staged:
+                save_file(tensors, staged.path, metadata={"quantization_wrapper": json.dumps(description, default=str)})
+                if _before_commit is not None:
+                    _before_commit(staged.path)
+                staged.commit()
+            return path
+
+        with StagedDirectory(path, overwrite=overwrite) as stage:
+            staging = stage.path
+            shards = _shards(tensors, max_bytes)
+            files: dict[str, dict[str, Any]] = {}
+            weight_map: dict[str, str] = {}
+            for i, shard in enumerate(shards, 1):
+                name = WEIGHTS_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, staging / name, metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            if len(shards) > 1:
+                total = sum(t.numel() * t.element_size() for t in tensors.values())
+                (staging / INDEX_NAME).write_text(json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            if hf_config is not None and hasattr(hf_config, "to_dict"):
+                (staging / "config.json").write_text(json.dumps(_hf_config_dict(model), indent=2, default=str))
+            for name, content in _interop(model)[1].items():
+                (staging / name).write_text(json.dumps(content, indent=2))
+            for name in sorted(stage.written()):
+                with open(staging / name, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                files[name] = _file_record(staging / name)
+            description["files"] = files
+            (staging / QUANT_CONFIG_NAME).write_text(json.dumps(description, indent=2, default=str))
+            with open(staging / QUANT_CONFIG_NAME, "rb+") as fh:
                 os.fsync(fh.fileno())
-            files[f.name] = _file_record(f)
-        description["files"] = files
-        (staging / QUANT_CONFIG_NAME).write_text(json.dumps(description, indent=2, default=str))
-        with open(staging / QUANT_CONFIG_NAME, "rb+") as fh:
-            os.fsync(fh.fileno())
-        _fsync_dir(staging)
-        if _before_commit is not None:
-            _before_commit(staging)
-        _commit(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+            if _before_commit is not None:
+                _before_commit(staging)
+            stage.commit()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"no space left on the device of {path.parent} while saving the checkpoint; "
+                                   f"nothing was changed at {path}") from e
         raise
     return path
 
 
-def _commit(staging: Path, path: Path) -> None:
-    """Move ``staging`` to ``path``; an existing checkpoint is replaced only once the new one is complete."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} exists and is not a directory")
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    try:
-        os.replace(staging, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _tensor_crc32(t: torch.Tensor) -> int:
+    """CRC-32 of a contiguous CPU tensor's bytes, as they lie in the safetensors file."""
+    if t.numel() == 0:
+        return 0
+    return zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 
 # ------------------------------------------------------------------------------------------- load
+def _read_description_file(desc: Path) -> Any:
+    try:
+        raw = desc.read_bytes()
+    except IsADirectoryError:
+        raise CheckpointError(f"{desc}: is a directory, not the checkpoint's JSON description") from None
+    except OSError as e:
+        raise CheckpointError(f"{desc}: cannot be read ({e.strerror})") from e
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{desc}: not UTF-8 text (byte {e.start}); the description is damaged") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{desc}: invalid JSON ({e})") from e
+
+
 def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON description of a checkpoint (directory or single file), version-checked."""
+    """The JSON description of a checkpoint (directory or single file), checked against its schema.
+
+    Raises:
+        CheckpointError: naming the file and the field that is missing or has the wrong type.
+    """
     path = Path(path)
+    if not path.exists():
+        recover(path)  # a save that died between its two renames leaves the checkpoint aside
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file():
@@ -498,62 +515,159 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
 
             raise CheckpointError(f"{path}: safetensors file has no quantization-wrapper description in its metadata "
                                   f"(nor MLX-quantized tensors); accepted: {ACCEPTED_FORMATS}")
-        info = json.loads(meta["quantization_wrapper"])
+        source = f"{path} (metadata 'quantization_wrapper')"
+        try:
+            info = json.loads(meta["quantization_wrapper"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{source}: invalid JSON ({e})") from e
     else:
+        recover(path)
         desc = path / QUANT_CONFIG_NAME
-        if not desc.exists():
+        if not desc.exists() and not desc.is_symlink():
             from .native_formats import ACCEPTED_FORMATS
 
             raise CheckpointError(f"{path}: no {QUANT_CONFIG_NAME}; not a quantization-wrapper checkpoint, nor a "
                                   f"native format this package reads; accepted: {ACCEPTED_FORMATS}")
-        try:
-            info = json.loads(desc.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{desc}: invalid JSON ({e})") from e
-    version = info.get("format_version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path}: description has no integer format_version")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {version} is newer than this quantization-wrapper "
-                              f"understands ({FORMAT_VERSION}); upgrade the package")
+        confined_file(path, QUANT_CONFIG_NAME, "the checkpoint")
+        source = str(desc)
+        info = _read_description_file(desc)
+    _check_description(info, source, directory=path.is_dir())
     return info
+
+
+def _check_description(info: Any, source: str, *, directory: bool) -> None:
+    """Raise ``CheckpointError(source: field ...)`` unless ``info`` has the description's schema."""
+
+    def bad(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{source}: field {field!r} {problem}; the description is damaged or was not "
+                               f"written by quantization-wrapper")
+
+    def typed(value: Any, kind: type | tuple, field: str, what: str) -> Any:
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            raise bad(field, f"must be {what}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+    typed(info, dict, "<top level>", "a JSON object")
+    if "format" in info and info["format"] != "quantization-wrapper":
+        raise bad("format", f"is {info['format']!r}, expected 'quantization-wrapper'")
+    version = info.get("format_version")
+    typed(version, int, "format_version", "an integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{source}: format_version {version} is newer than this quantization-wrapper "
+                              f"understands ({FORMAT_VERSION}); upgrade the package")
+    if version < 1:
+        raise bad("format_version", f"is {version}; versions start at 1")
+    for field in ("quantization_config", "plan"):
+        if field not in info:
+            raise bad(field, "is missing")
+    try:
+        QuantizationConfig.from_dict(typed(info["quantization_config"], dict, "quantization_config", "an object"))
+    except (ValueError, TypeError) as e:
+        raise bad("quantization_config", f"is invalid ({e})") from e
+    plan = typed(info["plan"], dict, "plan", "an object")
+    typed(plan.get("method"), str, "plan.method", "a string")
+    layers = typed(plan.get("layers"), list, "plan.layers", "a list")
+    kinds = {"name": str, "in_features": int, "out_features": int, "bias": bool, "method": str,
+             "bytes_before": int, "bytes_after": int, "status": str}
+    seen: set[str] = set()
+    for i, layer in enumerate(layers):
+        where = f"plan.layers[{i}]"
+        typed(layer, dict, where, "an object")
+        unknown = sorted(set(layer) - set(kinds) - {"bits", "group_size", "reason"})
+        if unknown:
+            raise bad(f"{where}", f"has unknown keys {unknown}")
+        for key, kind in kinds.items():
+            if key not in layer:
+                raise bad(f"{where}.{key}", "is missing")
+            typed(layer[key], kind, f"{where}.{key}", "a " + kind.__name__)
+        for key in ("bits", "group_size"):
+            if layer.get(key) is not None:
+                typed(layer[key], int, f"{where}.{key}", "an integer or null")
+        if layer["in_features"] <= 0 or layer["out_features"] <= 0:
+            raise bad(f"{where}", "has a non-positive shape")
+        if layer["status"] not in ("quantized", "float", "skipped"):
+            raise bad(f"{where}.status", f"is {layer['status']!r}; allowed: quantized, float, skipped")
+        if layer["status"] != "skipped":
+            try:
+                QuantizationMethod.parse(layer["method"])
+            except ValueError as e:
+                raise bad(f"{where}.method", f"is invalid ({e})") from e
+        if layer["name"] in seen:
+            raise bad(f"{where}.name", f"repeats layer {layer['name']!r}")
+        seen.add(layer["name"])
+    for field in ("tied", "libraries"):
+        value = typed(info.get(field, {}), dict, field, "an object")
+        for k, v in value.items():
+            typed(v, str, f"{field}[{k!r}]", "a string")
+    if "config" in info:
+        typed(info["config"], dict, "config", "an object")
+    if directory:
+        files = info.get("files")
+        if files is None:
+            raise bad("files", "is missing (it lists every file with its size and checksums)")
+        typed(files, dict, "files", "an object")
+        if not files:
+            raise bad("files", "is empty; without it nothing could be verified")
+        for name, rec in files.items():
+            where = f"files[{name!r}]"
+            typed(rec, dict, where, "an object")
+            size = typed(rec.get("size"), int, f"{where}.size", "an integer")
+            if size < 0:
+                raise bad(f"{where}.size", f"is negative ({size})")
+            digest = typed(rec.get("sha256"), str, f"{where}.sha256", "a hex string")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise bad(f"{where}.sha256", "is not 64 lower-case hex digits")
+            if "block_size" in rec or "block_crc32" in rec:
+                block = typed(rec.get("block_size"), int, f"{where}.block_size", "an integer")
+                sums = typed(rec.get("block_crc32"), list, f"{where}.block_crc32", "a list")
+                if block <= 0 or len(sums) != -(-size // block):
+                    raise bad(f"{where}.block_crc32", f"has {len(sums)} sums for {size} bytes in blocks of {block}")
+                for v in sums:
+                    typed(v, int, f"{where}.block_crc32[]", "an integer")
+        if not any(n.endswith(".safetensors") for n in files):
+            raise bad("files", "lists no .safetensors weights")
+    else:
+        crcs = typed(info.get("tensor_crc32"), dict, "tensor_crc32", "an object (a CRC-32 per tensor)")
+        for k, v in crcs.items():
+            typed(v, int, f"tensor_crc32[{k!r}]", "an integer")
 
 
 def verify_checkpoint(path: str | os.PathLike, *, full: bool = False) -> dict[str, str]:
     """Check every recorded file's size and checksums. Returns ``{file: "ok"}``.
 
     Files saved with block checksums are verified block by block on up to 4 threads (1.2 GB in
-    about 0.3 s on 2 cores); others by their whole-file sha256.
+    about 0.3 s on 2 cores); others by their whole-file sha256. A single-file checkpoint is
+    checked tensor by tensor against the CRC-32s in its metadata.
 
     Args:
-        path: the checkpoint directory.
+        path: the checkpoint directory or single file.
         full: also check every file's whole sha256 (what ``sha256sum`` prints), besides its blocks.
 
     Raises:
-        ChecksumError: naming the file whose size or checksum differs (and the byte range), or
-            that is missing.
+        ChecksumError: naming the file whose size or checksum differs (and the byte range or
+            tensor), or that is missing.
+        UnsafePathError: a listed file lies outside the checkpoint directory.
     """
     path = Path(path)
     info = read_checkpoint_info(path)
     if path.is_file():
-        return {path.name: "ok (single file: integrity checked by safetensors on load)"}
-    records = info.get("files", {})
+        return {path.name: _verify_single_file(path, info)}
+    records = info["files"]
     fds: dict[str, int] = {}
     try:
         jobs = []
         for name, rec in records.items():
-            f = path / name
-            if not f.exists():
+            f = confined_file(path, name, f"{QUANT_CONFIG_NAME} 'files'")
+            if not f.is_file():
                 raise ChecksumError(f"{f}: file listed in {QUANT_CONFIG_NAME} is missing")
             if f.stat().st_size != rec["size"]:
                 raise ChecksumError(f"{f}: size {f.stat().st_size} bytes, expected {rec['size']} "
                                     f"(truncated or modified)")
             fds[name] = os.open(f, os.O_RDONLY)
             block = rec.get("block_size")
-            kind = next((k for k in _BLOCK_SUMS if isinstance(rec.get(k), list)), None)
-            sums = rec.get(kind) if kind else None
-            if isinstance(block, int) and block > 0 and sums and len(sums) == -(-rec["size"] // block):
-                jobs += [(name, i * block, min(block, rec["size"] - i * block), want, _BLOCK_SUMS[kind])
+            sums = rec.get("block_crc32")
+            if block and sums:
+                jobs += [(name, i * block, min(block, rec["size"] - i * block), want, _Crc32)
                          for i, want in enumerate(sums)]
                 if full:
                     jobs.append((name, 0, rec["size"], rec["sha256"], _Sha256))
@@ -578,11 +692,36 @@ def verify_checkpoint(path: str | os.PathLike, *, full: bool = False) -> dict[st
     return {name: "ok" for name in records}
 
 
+def _verify_single_file(path: Path, info: dict[str, Any]) -> str:
+    """Check every tensor of a single-file checkpoint against its recorded CRC-32."""
+    sums = info["tensor_crc32"]
+    try:
+        reader = SafetensorsReader(path, mmap=False)
+    except ValueError as e:
+        raise ChecksumError(str(e)) from e
+    with reader:
+        names = set(reader.keys())
+        if names != set(sums):
+            extra, missing = sorted(names - set(sums)), sorted(set(sums) - names)
+            raise ChecksumError(f"{path}: the tensors do not match the recorded checksums (unrecorded: "
+                                f"{extra[:5]}, missing: {missing[:5]})")
+        fd = reader._file.fileno()
+        for name in sorted(names):
+            _, _, begin, end = reader.entries[name]
+            got = _sum_range(fd, reader._start + begin, end - begin, _Crc32)
+            if got != sums[name]:
+                raise ChecksumError(f"{path}: CRC-32 mismatch in tensor {name!r} (bytes "
+                                    f"{reader._start + begin}-{reader._start + end}; the file was modified after saving)")
+    return "ok (CRC-32 of every tensor)"
+
+
 def _build_skeleton(path: Path, info: dict, model_config: Any) -> nn.Module:
     """The architecture with parameters on meta, from ``model_config`` or the saved config."""
     saved = info.get("config")
-    if saved is None and (path / "config.json").exists():
-        saved = json.loads((path / "config.json").read_text())
+    if saved is None and path.is_dir() and (path / "config.json").exists():
+        saved = _read_description_file(confined_file(path, "config.json", "the checkpoint"))
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path / 'config.json'}: must hold a JSON object, got {type(saved).__name__}")
     if model_config is None and saved is None:
         raise CheckpointError(f"{path}: no config.json; pass model_config (a transformers config, a "
                               f"dict, a callable that builds the model, or an nn.Module on meta)")
@@ -590,6 +729,23 @@ def _build_skeleton(path: Path, info: dict, model_config: Any) -> nn.Module:
         return build_skeleton(model_config, saved, where=str(path))
     except (ValueError, ImportError) as e:
         raise CheckpointError(str(e)) from e
+
+
+def _check_like(path: Path, key: str, value: torch.Tensor, want: torch.Tensor, *, exact_dtype: bool) -> None:
+    """A checkpoint tensor must have the architecture's shape and kind (float, integer, bool); an
+    integer or bool buffer also its exact dtype. Float widths are the checkpoint's choice (a model
+    saved in bfloat16 is built in float32 on meta)."""
+    if tuple(want.shape) != tuple(value.shape):
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(value.shape)} in the checkpoint, "
+                              f"{tuple(want.shape)} in the architecture")
+
+    def kind(t: torch.Tensor) -> str:
+        return "bool" if t.dtype == torch.bool else "float" if t.is_floating_point() else \
+            "complex" if t.is_complex() else "integer"
+
+    if kind(value) != kind(want) or (exact_dtype and kind(want) != "float" and value.dtype != want.dtype):
+        raise CheckpointError(f"{path}: tensor {key!r} is {value.dtype} in the checkpoint; the architecture "
+                              f"needs {want.dtype if exact_dtype else 'a ' + kind(want) + ' tensor'}")
 
 
 def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, device: str | torch.device = "cpu",
@@ -632,6 +788,8 @@ def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, d
             return load_native_checkpoint(path, model_config, device=device, backend=backend,
                                           expected_methods=expected_methods)
     info = read_checkpoint_info(path)
+    if path.is_file() and verify:
+        verify_checkpoint(path)
     if path.is_dir() and verify:
         # Hash the files on other threads (hashlib releases the GIL) while this one builds the
         # skeleton and the empty layers, which is Python work; the layers are filled, which is
@@ -664,17 +822,12 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
 
     if path.is_file():
         files = [path]
-    elif (path / INDEX_NAME).exists():
-        index = json.loads((path / INDEX_NAME).read_text())
-        names = sorted(set(index["weight_map"].values()))
-        for n in names:
-            if not (path / n).exists():
-                raise CheckpointError(f"{path / n}: shard listed in {INDEX_NAME} is missing")
-        files = [path / n for n in names]
-    else:
-        if not (path / WEIGHTS_NAME).exists():
-            raise CheckpointError(f"{path / WEIGHTS_NAME}: weights file is missing")
-        files = [path / WEIGHTS_NAME]
+    else:  # the description lists the weights: other files in the directory are not ours to read
+        files = [confined_file(path, n, f"{QUANT_CONFIG_NAME} 'files'")
+                 for n in sorted(info["files"]) if n.endswith(".safetensors")]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: weights file listed in {QUANT_CONFIG_NAME} is missing")
 
     model = _build_skeleton(path, info, model_config)
     # The tensors the checkpoint must provide besides the planned layers, read off the skeleton
@@ -755,9 +908,14 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
 
         rest: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
+        known_buffers = dict(model.named_buffers())
         for key in list(handles):
             if key.startswith("__buffer__."):
-                buffers[key[len("__buffer__."):]] = take(key)
+                name = key[len("__buffer__."):]
+                if name not in known_buffers:
+                    raise CheckpointError(f"{path}: tensor {key!r} names a buffer the architecture does not have")
+                buffers[name] = take(key)
+                _check_like(path, key, buffers[name], known_buffers[name], exact_dtype=True)
             else:
                 rest[key] = take(key)
 
@@ -789,11 +947,8 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks tensors the architecture needs: "
                               f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    current = skeleton
     for key, value in rest.items():
-        if tuple(current[key].shape) != tuple(value.shape):
-            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(value.shape)} in the checkpoint, "
-                                  f"{tuple(current[key].shape)} in the architecture")
+        _check_like(path, key, value, skeleton[key], exact_dtype=skeleton[key].device.type != "meta")
     model.load_state_dict(rest, strict=False, assign=True)
     for name, value in buffers.items():
         module_name, _, attr = name.rpartition(".")
