@@ -429,6 +429,7 @@ class StagedDirectory:
         self.path: Path = self.target  # set in __enter__
         self._lock_fd: int | None = None
         self._committed = False
+        self.file_mode = 0o644
 
     def __enter__(self) -> "StagedDirectory":
         parent = self.target.parent
@@ -442,7 +443,8 @@ class StagedDirectory:
                 if self.target.is_dir():
                     os.chmod(self.path, stat.S_IMODE(os.stat(self.target).st_mode))
                 lock = self.path / _LOCK_NAME
-                self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+                self.file_mode = stat.S_IMODE(os.fstat(self._lock_fd).st_mode)  # 0o666 less the umask
                 if fcntl is not None:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             except BaseException:
@@ -456,6 +458,8 @@ class StagedDirectory:
     def commit(self) -> None:
         """Make the staged files the checkpoint at the target, keeping the target's other files."""
         written = self.written()
+        for name in written:  # some writers (safetensors) create files private to the owner
+            os.chmod(self.path / name, self.file_mode)
         with _parent_lock(self.target.parent):
             if self.target.exists() and not self.target.is_dir():
                 raise ValueError(f"{self.target} exists and is not a directory")
@@ -548,6 +552,7 @@ class StagedFile:
         self._recover()
         self.path = self.target.parent / f".{self.target.name}{_STAGING}{os.getpid()}-{secrets.token_hex(4)}.tmp"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        self.file_mode = stat.S_IMODE(os.fstat(self._fd).st_mode)
         if fcntl is not None:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
@@ -564,6 +569,7 @@ class StagedFile:
                         os.close(fd)
 
     def commit(self) -> None:
+        os.chmod(self.path, self.file_mode)
         with open(self.path, "rb+") as f:
             os.fsync(f.fileno())
         with _parent_lock(self.target.parent):

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .checkpoint_dir import confined_file
 from .config import QuantizationConfig, QuantizationMethod, dtype_to_str
 from .patterns import best_match
 from .surgery import LayerDecision
@@ -341,7 +342,7 @@ def _has_mlx_tensors(keys: Iterable[str]) -> bool:
 def _is_mlx(path: Path) -> bool:
     if path.is_dir():
         config = path / "config.json"
-        if config.exists():
+        if config.exists() and not config.is_symlink():
             try:
                 if "quantization" in json.loads(config.read_text()):
                     return True
@@ -427,6 +428,9 @@ def load_mlx_checkpoint(path: str | os.PathLike, model_config: Any = None, *, de
     if path.is_dir():
         file = path / "config.json"
         if not file.exists():
+            raise _error(f"{path}: no config.json; an mlx-lm checkpoint directory has one with a 'quantization' entry")
+        file = confined_file(path, "config.json", "the checkpoint")
+        if not file.is_file():
             raise _error(f"{path}: no config.json; an mlx-lm checkpoint directory has one with a 'quantization' entry")
         try:
             config_json = json.loads(file.read_text())
@@ -658,11 +662,11 @@ def load_hqq_checkpoint(path: str | os.PathLike, model_config: Any = None, *, de
     path = Path(path)
     config_json = None
     if path.is_dir():
-        file = path / _HQQ_WEIGHTS
+        file = confined_file(path, _HQQ_WEIGHTS, "the checkpoint")
         if not file.is_file():
             raise _error(f"{path}: no {_HQQ_WEIGHTS}; hqq's save_quantized writes the weights there")
         if model_config is None:
-            config_file = path / "config.json"
+            config_file = confined_file(path, "config.json", "the checkpoint")
             if not config_file.exists():
                 raise _error(f"{path}: no config.json beside {_HQQ_WEIGHTS}; pass model_config")
             try:

@@ -785,8 +785,10 @@ def load_quantized_model(path: str | os.PathLike, model_config: Any = None, *, d
         from .native_formats import detect_native_format, load_native_checkpoint
 
         if detect_native_format(path) is not None:
-            return load_native_checkpoint(path, model_config, device=device, backend=backend,
-                                          expected_methods=expected_methods)
+            model = load_native_checkpoint(path, model_config, device=device, backend=backend,
+                                           expected_methods=expected_methods)
+            model._qw_source_dir = str(path.resolve() if path.is_dir() else path.resolve().parent)
+            return model
     info = read_checkpoint_info(path)
     if path.is_file() and verify:
         verify_checkpoint(path)

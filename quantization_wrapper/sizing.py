@@ -437,7 +437,10 @@ def checkpoint_parameter_count(checkpoint_dir: str | os.PathLike) -> int:
     path = os.fspath(checkpoint_dir)
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint_dir={path!r} is not a directory")
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    from .checkpoint_dir import confined_file
+
+    files = [confined_file(path, os.path.basename(f), "the directory listing")
+             for f in sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))]
     if not files:
         raise ValueError(f"checkpoint_dir={path!r} holds no *.safetensors file to count parameters from")
     total = 0
