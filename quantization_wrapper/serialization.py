@@ -539,7 +539,7 @@ def _check_description(info: Any, source: str, *, directory: bool) -> None:
     """Raise ``CheckpointError(source: field ...)`` unless ``info`` has the description's schema."""
 
     def bad(field: str, problem: str) -> CheckpointError:
-        return CheckpointError(f"{source}: field {field!r} {problem}; the description is damaged or was not "
+        return CheckpointError(f"{source}: field {field} {problem}; the description is damaged or was not "
                                f"written by quantization-wrapper")
 
     def typed(value: Any, kind: type | tuple, field: str, what: str) -> Any:
