@@ -465,6 +465,7 @@ class StagedDirectory:
                 raise ValueError(f"{self.target} exists and is not a directory")
             exists = self.target.is_dir()
             keep: list[str] = []
+            replaced: list[str] = []
             if exists:
                 blocking = _foreign(self.target, written)
                 if blocking and not self.overwrite:
@@ -501,7 +502,8 @@ class StagedDirectory:
                     raise
                 _fsync_dir(self.target.parent)
                 self._committed = True
-            left = _remove_ours(old, self.target, owned_files(old), False)
+            # With overwrite=True, files of other origin named like ours were replaced: they go too.
+            left = _remove_ours(old, self.target, owned_files(old) | set(replaced), False)
             if left:
                 warnings.warn(f"{old} keeps files that appeared in {self.target} while it was being saved: "
                               f"{left[:5]}", stacklevel=3)

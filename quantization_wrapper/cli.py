@@ -1,8 +1,9 @@
 """Command line: ``quantization-wrapper`` (or ``qwrap``, or ``python -m quantization_wrapper``).
 
 Subcommands: ``doctor``, ``recommend``, ``quantize``, ``inspect``, ``demo``. Exit codes: 0 success,
-1 the operation failed (bad checkpoint, failed check), 2 bad arguments. ``--json`` prints one JSON
-document for programs.
+1 the operation failed (bad checkpoint, failed check, full disk), 2 bad arguments, 130 interrupted.
+An error is one line on stderr (``-v`` adds the traceback). ``--json`` prints one JSON document for
+programs; when the command fails that document is ``{"error": ..., "type": ..., "exit_code": ...}``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,11 +30,101 @@ class CLIError(Exception):
         self.code = code
 
 
+class _UsageExit(SystemExit):
+    """argparse's exit on bad arguments, keeping the message for ``--json``."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.message = message
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # same output and exit code as argparse's; the message is kept
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise _UsageExit(2, message)
+
+
+def _to_json(data: Any) -> str:
+    try:
+        return json.dumps(data, indent=2, default=str, allow_nan=False)
+    except ValueError as e:  # NaN/Infinity is not JSON; a reader would choke on it
+        raise CLIError(f"the result holds a non-finite number, which JSON cannot carry ({e}); "
+                       f"please report this", 1) from e
+
+
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, default=str))
+        print(_to_json(data))
     else:
         print(text)
+
+
+def _finite_or_none(x: float) -> float | None:
+    """A measured number for JSON: ``None`` where it is undefined (bits/weight of zero layers)."""
+    return x if math.isfinite(x) else None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a whole number >= 1")
+    return value
+
+
+def _number(text: str, *, minimum: float, inclusive: bool, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a finite number {bound} ({what})")
+    return value
+
+
+def _model_size(text: str) -> float:
+    return _number(text, minimum=0, inclusive=False, what="billions of parameters")
+
+
+def _memory(text: str) -> float:
+    return _number(text, minimum=0, inclusive=False, what="gigabytes")
+
+
+def _check_backend(name: str | None) -> None:
+    """Refuse a ``--backend`` that is not present here, with doctor's message (exit 2)."""
+    if name is None:
+        return
+    from backend_manager import BackendManager
+
+    try:
+        BackendManager(name)
+    except ValueError as e:
+        raise CLIError(f"--backend {name}: {e}", 2) from e
+
+
+def _check_out_dir(out: Path, *, overwrite: bool, model_dir: Path | None = None) -> None:
+    """Refuse, before any long work, an ``--out`` the save would refuse or that would destroy data:
+    MODEL_DIR itself or a file in it (exit 2), a non-empty directory that is not one of our
+    checkpoints without ``--overwrite`` (exit 1), the working directory or a file (exit 2)."""
+    from .checkpoint_dir import check_save_target
+
+    resolved = out.resolve()
+    if model_dir is not None:
+        source = model_dir.resolve()
+        if resolved == source or (source in resolved.parents and resolved.is_file()):
+            raise CLIError(f"--out {out} is MODEL_DIR {model_dir}"
+                           + (" itself" if resolved == source else " or a file in it")
+                           + "; saving there would replace the source weights. Choose another directory", 2)
+    try:
+        check_save_target(out, overwrite=overwrite)
+    except FileExistsError as e:
+        raise CLIError(f"--out: {e}", 1) from e
+    except ValueError as e:
+        raise CLIError(f"--out: {e}", 2) from e
 
 
 # ------------------------------------------------------------------------------------- doctor
@@ -93,15 +187,21 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     else:
         raise CLIError("give --model-size (billions of parameters) or --model DIR", 2)
     memory = args.memory
-    if memory is None:
-        if backend is not detect_backend():
-            raise CLIError(f"--memory is required when recommending for {backend.value} on a "
-                           f"{detect_backend().value} machine", 2)
-        memory = BackendManager(backend).get_memory_info()["available_gb"]
+    if memory is None:  # this machine's memory: the backend must be present here, as doctor checks
+        try:
+            manager = BackendManager(backend)
+        except ValueError as e:
+            raise CLIError(f"--memory is required when recommending for {backend.value} on this "
+                           f"machine: {e}", 2) from e
+        memory = manager.get_memory_info()["available_gb"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MemoryWarning)
         config = get_recommended_config(backend, size, memory, training=not args.inference)
     need = estimate_footprint_gb(config, size, training=not args.inference)
+    if not math.isfinite(need):
+        given = f"--model {args.model}" if args.model else f"--model-size {size:g}"
+        raise CLIError(f"{given}: the memory estimate for {size:g}B parameters overflows ({need} GB); "
+                       f"give a realistic model size", 2)
     notes = [str(w.message) for w in caught if issubclass(w.category, MemoryWarning)]
     data = {"backend": backend.value, "model_size_b": size, "available_memory_gb": memory,
             "training": not args.inference, "estimated_footprint_gb": round(need, 2),
@@ -117,7 +217,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .serialization import CheckpointError, read_checkpoint_info, verify_checkpoint
+    from .errors import CheckpointError
+    from .serialization import read_checkpoint_info, verify_checkpoint
     from .surgery import QuantizationPlan
 
     path = Path(args.path)
@@ -132,7 +233,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "files": info.get("files", {}), "checksums": checks,
             "summary": {"layers": len(plan.layers), "quantized": len(plan.quantized),
                         "skipped": len(plan.skipped), "bytes_before": plan.bytes_before,
-                        "bytes_after": plan.bytes_after, "bits_per_weight": plan.bits_per_weight},
+                        "bytes_after": plan.bytes_after, "bits_per_weight": _finite_or_none(plan.bits_per_weight)},
             "plan": info["plan"]["layers"]}
     files = "\n".join(f"  {n}: {r['size']} bytes, sha256 {r['sha256'][:16]}... {checks.get(n, '')}"
                       for n, r in info.get("files", {}).items())
@@ -147,11 +248,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .config import QuantizationConfig
     from .loading import load_and_quantize
-    from .serialization import save_quantized_model
+    from .serialization import parse_size, save_quantized_model
 
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():
         raise CLIError(f"MODEL_DIR {model_dir}: not a directory", 2)
+    _check_backend(args.backend)
     layer_configs = {}
     if args.layer_config:
         try:
@@ -166,16 +268,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         config = QuantizationConfig(**fields)
     except ValueError as e:
         raise CLIError(str(e), 2) from e
+    _check_out_dir(Path(args.out), overwrite=args.overwrite, model_dir=model_dir)  # before the long part
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise CLIError(f"--max-shard-size: {e}", 2) from e
     import time
 
     start = time.perf_counter()
     model = load_and_quantize(model_dir, config, backend=args.backend, progress=not args.json)
-    save_quantized_model(model, args.out, max_shard_size=args.max_shard_size)
+    save_quantized_model(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     plan = model.quantization_plan
     data = {"out": str(args.out), "seconds": round(seconds, 2), "method": plan.method,
             "bytes_before": plan.bytes_before, "bytes_after": plan.bytes_after,
-            "bits_per_weight": plan.bits_per_weight, "quantized": len(plan.quantized),
+            "bits_per_weight": _finite_or_none(plan.bits_per_weight), "quantized": len(plan.quantized),
             "skipped": len(plan.skipped)}
     _print(args, data, f"{plan.table(max_rows=args.max_rows)}\nsaved to {args.out} in {seconds:.1f} s")
     return 0
@@ -185,15 +292,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out_dir=args.out, steps=args.steps, json_output=args.json)
+    _check_out_dir(Path(args.out), overwrite=args.overwrite)  # before the minute-long run
+    return run_demo(out_dir=args.out, steps=args.steps, json_output=args.json, overwrite=args.overwrite)
 
 
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .config import QuantizationMethod
 
-    parser = argparse.ArgumentParser(prog="quantization-wrapper",
-                                     description="One API over PyTorch weight-quantization libraries.")
+    parser = _ArgumentParser(prog="quantization-wrapper",
+                             description="One API over PyTorch weight-quantization libraries.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     backends = ["cuda", "mps", "mlx", "cpu"]
@@ -204,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("recommend", help="recommend a quantization config for a model and a memory budget")
-    p.add_argument("--model-size", type=float, metavar="B", help="parameters in billions (e.g. 7)")
+    p.add_argument("--model-size", type=_model_size, metavar="B", help="parameters in billions (e.g. 7)")
     p.add_argument("--model", metavar="DIR", help="a checkpoint directory to count parameters from")
-    p.add_argument("--memory", type=float, metavar="GB", help="memory available (default: this machine's)")
+    p.add_argument("--memory", type=_memory, metavar="GB", help="memory available (default: this machine's)")
     p.add_argument("--backend", choices=backends, help="recommend for this backend (default: detect)")
     p.add_argument("--inference", action="store_true", help="inference only (default: LoRA training)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -224,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--max-rows", type=int, default=20, help="plan rows to print")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory that is not a checkpoint (its other files are kept)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_quantize)
 
@@ -236,29 +346,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on the bundled MiniLM checkpoint (no network)")
     p.add_argument("--out", default="demo_out", help="where to save the quantized checkpoint")
-    p.add_argument("--steps", type=int, default=8, help="LoRA training steps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory that is not a checkpoint (its other files are kept)")
+    p.add_argument("--steps", type=_positive_int, default=8, help="LoRA training steps (>= 1)")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (argparse's own errors exit with 2)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageExit as e:
+        if "--json" in argv:  # argparse stops before it knows; the flag may also be a value here
+            print(_to_json({"error": e.message, "type": "ArgumentError", "exit_code": e.code}))
+        raise
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return int(args.func(args) or 0)
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
-    except ValueError as e:  # invalid values reach us as ValueError with a complete sentence
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError, ImportError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:
+            raise
+        except Exception as e:
+            code, kind, text = _describe(e)
+            if args.verbose and not isinstance(e, CLIError):
+                traceback.print_exc()
+            line = text if isinstance(e, (CLIError, ValueError)) else f"{kind}: {text}"
+            print(f"error: {line}", file=sys.stderr)
+            if getattr(args, "json", False):
+                print(json.dumps({"error": text, "type": kind, "exit_code": code}))
+            return code
+    except BrokenPipeError:  # the reader left (``... --json | head``): say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
         return 1
-    except KeyboardInterrupt:
-        return 130
+
+
+def _describe(e: Exception) -> tuple[int, str, str]:
+    """Exit code, exception type name and one-line message of an error escaping a command."""
+    from .errors import CheckpointError
+
+    text = " ".join(str(e).splitlines())
+    if isinstance(e, CLIError):
+        cause = e.__cause__
+        return e.code, type(cause).__name__ if cause is not None else "CLIError", text
+    # Invalid values reach us as ValueError with a complete sentence; a CheckpointError is one too,
+    # but it means the operation failed, not that the arguments were bad.
+    bad_arguments = isinstance(e, ValueError) and not isinstance(e, CheckpointError)
+    return (2 if bad_arguments else 1), type(e).__name__, text
 
 
 if __name__ == "__main__":

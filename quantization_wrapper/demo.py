@@ -10,14 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["run_demo", "minilm_path", "SENTENCES"]
+__all__ = ["run_demo", "minilm_path", "train_lora_steps", "SENTENCES"]
 
 SENTENCES = [
     "A man is playing a guitar on the stage.",
@@ -62,8 +61,57 @@ def _embed(model, batch) -> torch.Tensor:
     return (out * mask).sum(1) / mask.sum(1)  # mean pooling, as sentence-transformers does
 
 
-def run_demo(out_dir: str | Path = "demo_out", steps: int = 8, json_output: bool = False) -> int:
-    """Run the demo; returns the process exit code (0 when every check passed)."""
+def _check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be a whole number >= 1")
+
+
+def _paraphrase_loss(model, a, b) -> torch.Tensor:
+    return (1 - torch.nn.functional.cosine_similarity(_embed(model, a), _embed(model, b))).mean()
+
+
+def train_lora_steps(model, a, b, steps: int, lr: float = 5e-3) -> tuple[float, float]:
+    """Train ``model``'s trainable parameters for ``steps`` steps pulling the embeddings of the
+    batches ``a`` and ``b`` together.
+
+    Returns:
+        The loss on ``(a, b)`` before the first step and after the last, both measured in eval mode
+        (no dropout) on the same batch, so that even one step shows whether training helped.
+    """
+    _check_steps(steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.eval()
+    with torch.no_grad():
+        before = _paraphrase_loss(model, a, b).item()
+    model.train()
+    for _ in range(steps):
+        loss = _paraphrase_loss(model, a, b)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = _paraphrase_loss(model, a, b).item()
+    return before, after
+
+
+def run_demo(out_dir: str | Path = "demo_out", steps: int = 8, json_output: bool = False,
+             overwrite: bool = False) -> int:
+    """Run the demo; returns the process exit code (0 when every check passed).
+
+    Args:
+        out_dir: where the quantized checkpoint is saved. Nothing there is deleted: one of our
+            checkpoints is replaced; a non-empty directory of other files is refused (before the
+            run) unless ``overwrite``, and then its other files are kept.
+        steps: LoRA training steps (>= 1).
+        json_output: print a JSON summary instead of the narration.
+        overwrite: allow saving into a non-empty directory that is not one of our checkpoints.
+
+    Raises:
+        FileExistsError: ``out_dir`` holds other files and ``overwrite`` is False.
+        ValueError: ``steps`` is not a positive whole number, or ``out_dir`` is the working
+            directory (or contains it) or a file.
+    """
     from transformers import AutoModel, AutoTokenizer
 
     from backend_manager import BackendManager
@@ -72,9 +120,16 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 8, json_output: bool
         create_quantization_adapter,
         get_recommended_config,
         load_quantized_model,
+        read_checkpoint_info,
         save_quantized_model,
         validate_quantization_config,
     )
+
+    from .checkpoint_dir import check_save_target
+
+    _check_steps(steps)
+    out_dir = Path(out_dir)
+    check_save_target(out_dir, overwrite=overwrite)  # fail now, not after a minute of work
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -133,11 +188,10 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 8, json_output: bool
     adapter.quantize_model(model)
     say("\n".join("   " + line for line in model.quantization_plan.table(max_rows=8).splitlines()))
 
-    out_dir = Path(out_dir)
     say(f"== 5. save to {out_dir}, reload, compare outputs")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    save_quantized_model(model, out_dir)
-    size = sum(f.stat().st_size for f in out_dir.iterdir())
+    save_quantized_model(model, out_dir, overwrite=overwrite)
+    # only what the save wrote: the directory may hold the user's other files
+    size = sum(r["size"] for r in read_checkpoint_info(out_dir)["files"].values())
     reloaded = load_quantized_model(out_dir)
     with torch.no_grad():
         before, after = _embed(model, batch), _embed(reloaded, batch)
@@ -153,25 +207,17 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 8, json_output: bool
     base_state = {k: v.clone() for k, v in train_model.state_dict().items()}
     peft_model = get_peft_model(train_model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)
     a = tokenizer([p[0] for p in PAIRS], padding=True, return_tensors="pt")
     b = tokenizer([p[1] for p in PAIRS], padding=True, return_tensors="pt")
-    losses = []
-    peft_model.train()
-    for _ in range(steps):
-        loss = (1 - torch.nn.functional.cosine_similarity(_embed(peft_model, a), _embed(peft_model, b))).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    loss_before, loss_after = train_lora_steps(peft_model, a, b, steps)
     unchanged = all(torch.equal(v, base_state[k]) for k, v in peft_model.get_base_model().state_dict().items()
                     if k in base_state)
-    say(f"   {trainable} trainable parameters; loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
-        f"quantized base unchanged: {unchanged}")
-    summary.update(loss_first=losses[0], loss_last=losses[-1], base_unchanged=unchanged,
+    say(f"   {trainable} trainable parameters; loss {loss_before:.4f} -> {loss_after:.4f} (before the first "
+        f"step, after the last); quantized base unchanged: {unchanged}")
+    summary.update(loss_first=loss_before, loss_last=loss_after, base_unchanged=unchanged,
                    seconds=time.perf_counter() - start)
-    ok = identical and unchanged and losses[-1] < losses[0]
+    ok = identical and unchanged and loss_after < loss_before
     say(f"== done in {summary['seconds']:.0f} s: {'all checks passed' if ok else 'A CHECK FAILED'}")
     if json_output:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, allow_nan=False))  # a NaN loss or cosine raises, not prints
     return 0 if ok else 1

@@ -14,15 +14,14 @@ through a few MB of resident memory.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import importlib
 import json
 import logging
 import math
 import mmap
 import os
+import re
 import struct
 import sys
 import threading
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from backend_manager import Backend, detect_backend
 
 from .adapters.base import leaf_tensors
+from .checkpoint_dir import confined_file
 from .config import QuantizationConfig, parse_dtype
 from .surgery import LayerDecision, convert_layer, plan_linear_layers, record_plan
 
@@ -235,13 +235,17 @@ class CheckpointFiles:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map') ({e})") from e
-            self.files = [self.directory / n for n in dict.fromkeys(weight_map.values())]
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            self.files = [confined_file(self.directory, n, f"{index.name} 'weight_map'")
+                          for n in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in self.files if not f.exists()]
             if missing:
                 raise ValueError(f"{index} names shards that are missing: {missing}")
             self.weight_map = dict(weight_map)
         else:
-            files = sorted(self.directory.glob("*.safetensors"))
+            files = [confined_file(self.directory, f.name, "the directory listing")
+                     for f in sorted(self.directory.glob("*.safetensors"))]
             if not files:
                 raise ValueError(f"{self.directory}: no .safetensors weights (and no model.safetensors.index.json)")
             self.files = files
@@ -277,66 +281,208 @@ class CheckpointFiles:
         self.close()
 
 
+#: Skeletons are built one at a time. transformers resolves its public names lazily (importing a
+#: submodule on first access, which is not thread-safe: a second thread sees a half-imported
+#: module), and configs and model constructors resolve more of them. Building on meta takes
+#: milliseconds, so the lock costs little. Re-entrant: a callable may build a skeleton itself.
+_BUILD_LOCK = threading.RLock()
+
+
 def model_from_config(model_config: Any, *, dtype: torch.dtype | None = None, where: str = "model_config") -> nn.Module:
     """A transformers model of ``model_config`` (a config object or a ``config.json`` dict; the peers'
     ``quantization``/``quantization_config`` entries are ignored) with its parameters on the meta
-    device and its buffers real, as ``accelerate.init_empty_weights(include_buffers=False)`` builds
-    it: rotary tables and other buffers the constructor computes need no checkpoint entry.
+    device, built as transformers 5 builds one before loading: under ``torch.device("meta")``.
+
+    Nothing process-wide is changed (not the default dtype, not ``nn.Module`` or ``torch.nn.init``),
+    so skeletons can be built from several threads at once. Buffers the model computes (rotary
+    ``inv_freq``, BERT ``position_ids``) are computed on the CPU by the model's ``_init_weights``, as
+    ``from_pretrained`` does for buffers a checkpoint lacks; buffers it does not compute stay on meta,
+    for the checkpoint to provide (loaders name those it does not).
 
     Args:
-        model_config: the config; its ``architectures[0]`` picks the class (else ``AutoModel``).
-        dtype: default float dtype while building, as ``from_pretrained(dtype=...)`` does.
+        model_config: the config; its ``architectures[0]`` names the class (a subclass of
+            ``transformers.PreTrainedModel``), else ``AutoModel``'s class for the config is used.
+        dtype: dtype of the floating parameters, as ``from_pretrained(dtype=...)`` gives them,
+            respecting the class' ``_keep_in_fp32_modules`` (float16) and
+            ``_keep_in_fp32_modules_strict`` (float16, bfloat16). ``None``: the default dtype
+            (with no ``architectures``, the config's ``dtype`` as ``AutoModel.from_config`` uses).
+            Buffers keep the dtype their constructor gives them.
         where: named in errors (the checkpoint path).
 
     Raises:
-        ValueError: a dict without ``model_type``, or a type transformers does not know.
-        ImportError: transformers or accelerate missing, with the install line.
+        ValueError: a config that is not a dict or transformers config, a dict without
+            ``model_type``, a type transformers does not know, or ``architectures`` that does not
+            name a transformers model class.
+        ImportError: transformers missing, with the install line.
     """
     try:
         import transformers
-        from accelerate import init_empty_weights
     except ImportError as e:
-        raise ImportError("rebuilding the architecture needs transformers and accelerate: "
-                          "pip install 'quantization-wrapper[hf]' (or pass the model as an nn.Module on meta)") from e
-    if isinstance(model_config, dict):
-        data = {k: v for k, v in model_config.items() if k not in ("quantization", "quantization_config")}
-        model_type = data.pop("model_type", None)
-        if model_type is None:
-            raise ValueError(f"{where}: the model config has no 'model_type' (e.g. 'llama'); pass model_config")
-        try:
-            model_config = transformers.AutoConfig.for_model(model_type, **data)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{where}: transformers cannot build model_type={model_type!r}: {e}") from e
-    archs = getattr(model_config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    previous = torch.get_default_dtype()
-    if dtype is not None and dtype.is_floating_point:
-        torch.set_default_dtype(dtype)
+        raise ImportError("rebuilding the architecture needs transformers: pip install 'quantization-wrapper[hf]' "
+                          "(or pass the model as an nn.Module on meta)") from e
+    with _BUILD_LOCK:
+        model_config = _config_object(transformers, model_config, where)
+        cls = _architecture_class(transformers, model_config, where)
+        if cls is None:
+            try:
+                cls = transformers.MODEL_MAPPING[type(model_config)]
+            except KeyError:
+                raise ValueError(f"{where}: transformers has no model for config class "
+                                 f"{type(model_config).__name__}; set 'architectures' in the config") from None
+            cls = cls[0] if isinstance(cls, (list, tuple)) else cls
+            if dtype is None:  # as AutoModel.from_config builds it
+                dtype = _config_dtype(model_config)
+        with torch.device("meta"):
+            model = cls(model_config)
+        if dtype is not None and dtype.is_floating_point and dtype != torch.get_default_dtype():
+            _cast_meta_parameters(model, dtype)
+        _compute_meta_buffers(model)
+    return model
+
+
+def _config_object(transformers: Any, model_config: Any, where: str) -> Any:
+    """``model_config`` as a transformers config (built from a ``config.json`` dict)."""
+    if isinstance(model_config, transformers.PretrainedConfig):
+        return model_config
+    if not isinstance(model_config, dict):
+        raise ValueError(f"{where}: the model config must be a config.json dict (an object) or a transformers "
+                         f"config, got {type(model_config).__name__}")
+    data = {k: v for k, v in model_config.items() if k not in ("quantization", "quantization_config")}
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{where}: the model config has no 'model_type' (e.g. 'llama'); pass model_config")
     try:
-        # Parameters on meta need no initialization: skipping it saves ~0.3 s on a 1B model.
-        with init_empty_weights(include_buffers=False), _no_init_weights():
-            return cls(model_config) if cls is not None else transformers.AutoModel.from_config(model_config)
-    finally:
-        torch.set_default_dtype(previous)
+        return transformers.AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{where}: transformers cannot build model_type={model_type!r}: {e}") from e
 
 
-def _no_init_weights() -> Any:
-    """transformers' ``no_init_weights`` context (v5 ``transformers.initialization``, v4
-    ``modeling_utils``), or a no-op where it does not exist."""
-    for where in ("transformers.initialization", "transformers.modeling_utils"):
+def _architecture_class(transformers: Any, model_config: Any, where: str) -> type | None:
+    """The class ``architectures[0]`` names, only if it is a transformers model class (``None`` when
+    the config names none): the name is looked up on the ``transformers`` module, where anything
+    else (``set_seed``, ``AutoTokenizer``) must never be called with the config."""
+    archs = getattr(model_config, "architectures", None)
+    if not archs:
+        return None
+    fix = ("set it to a transformers model class such as 'LlamaForCausalLM', or remove 'architectures' "
+           "to build the config's AutoModel class")
+    if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{where}: config field 'architectures' must be a list of class names, got {archs!r}; {fix}")
+    name = archs[0]
+    cls = None
+    if name.isidentifier() and not name.startswith("_"):
         try:
-            return getattr(importlib.import_module(where), "no_init_weights")()
-        except (ImportError, AttributeError):
-            continue
-    return contextlib.nullcontext()
+            cls = getattr(transformers, name, None)
+        except Exception as e:  # a lazy import that fails (a missing backend) names no usable class either
+            raise ValueError(f"{where}: config field architectures[0]={name!r} could not be imported from "
+                             f"transformers ({type(e).__name__}: {e}); {fix}") from e
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{where}: config field architectures[0]={name!r} is not a transformers model class "
+                         f"(a subclass of transformers.PreTrainedModel); {fix}")
+    return cls
+
+
+def _config_dtype(model_config: Any) -> torch.dtype | None:
+    try:
+        value = model_config.dtype
+    except AttributeError:  # transformers < 4.56 (reading torch_dtype on later ones warns)
+        value = getattr(model_config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def _cast_meta_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give the floating meta parameters ``dtype`` (free on meta) instead of changing the process'
+    default dtype while building. Names matching the model's ``_keep_in_fp32_modules`` (for float16)
+    or ``_keep_in_fp32_modules_strict`` (float16, bfloat16) stay float32, matched as
+    ``from_pretrained`` matches them. Tied parameters stay one parameter."""
+    keep = []
+    if dtype == torch.float16:
+        keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if dtype in (torch.float16, torch.bfloat16):
+        keep += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    keep_fp32 = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in keep)) if keep else None
+    replaced: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (old, new); old kept alive
+    for prefix, module in model.named_modules():
+        for name, p in module._parameters.items():
+            if p is None or p.device.type != "meta" or not p.is_floating_point():
+                continue
+            if id(p) not in replaced:
+                full = f"{prefix}.{name}" if prefix else name
+                target = torch.float32 if keep_fp32 is not None and keep_fp32.search(full) else dtype
+                new = nn.Parameter(torch.empty_like(p, dtype=target, device="meta"), requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)
+                replaced[id(p)] = (p, new)
+            module._parameters[name] = replaced[id(p)][1]
+
+
+def _compute_meta_buffers(model: nn.Module) -> None:
+    """Compute on the CPU the meta buffers the model's ``_init_weights`` computes, as transformers 5
+    does after building on meta (``_move_missing_keys_from_meta_to_device`` then
+    ``_initialize_missing_keys``), without its process-wide patch of ``torch.nn.init``.
+
+    Each module that owns meta buffers (and only meta parameters, so nothing real is re-initialized)
+    is initialized twice, its buffers filled with zeros and then with ones: a buffer is computed when
+    both runs give the same tensor. The others go back to meta, so a checkpoint must provide them
+    (never memory nobody wrote)."""
+    base = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+    if base is None:
+        return
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, init: Any) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if isinstance(module, base):  # a sub-model initializes its own modules, as transformers dispatches
+            init = module._init_weights
+        for child in module.children():
+            walk(child, init)
+        owned = {n: b for n, b in module._buffers.items() if b is not None}
+        if (init is None or not owned or any(b.device.type != "meta" for b in owned.values())
+                or any(p.device.type != "meta" for p in module.parameters(recurse=False))):
+            return
+        runs = []
+        try:
+            for fill in (torch.zeros_like, torch.ones_like):
+                for name, b in owned.items():
+                    module._buffers[name] = fill(b, device="cpu")
+                with torch.no_grad():
+                    init(module)
+                runs.append(dict(module._buffers))
+        finally:
+            for name, b in owned.items():
+                module._buffers[name] = b
+        for name in owned:
+            first, second = (run.get(name) for run in runs)
+            if _same_values(first, second):
+                module._buffers[name] = second
+
+    walk(model, None)
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Both CPU tensors with equal shape, dtype and values (NaN equal to NaN)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a is b:
+        return False
+    if a.device.type != "cpu" or b.device.type != "cpu" or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    return bool(a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
 
 
 def build_skeleton(model_config: Any, saved_config: dict[str, Any] | None, *, where: str) -> nn.Module:
-    """The architecture a checkpoint is loaded into, parameters on meta and buffers real.
+    """The architecture a checkpoint is loaded into, parameters on meta (see :func:`model_from_config`).
 
     Args:
         model_config: ``None`` (use ``saved_config``), an ``nn.Module`` (used as is, e.g. built on
             meta), a callable that builds the model, or a transformers config / ``config.json`` dict.
+            A callable runs under ``torch.device("meta")``: tensors it creates without a device are
+            on meta. Its buffers stay where it put them, except that a transformers model's meta
+            buffers are computed as :func:`model_from_config` computes them.
         saved_config: the config stored with the checkpoint, if any.
         where: the checkpoint path, named in errors.
 
@@ -346,10 +492,12 @@ def build_skeleton(model_config: Any, saved_config: dict[str, Any] | None, *, wh
     if isinstance(model_config, nn.Module):
         return model_config
     if callable(model_config) and not hasattr(model_config, "to_dict"):
-        from accelerate import init_empty_weights
-
-        with init_empty_weights(include_buffers=False):
-            return model_config()
+        with _BUILD_LOCK:
+            with torch.device("meta"):
+                model = model_config()
+            if isinstance(model, nn.Module):
+                _compute_meta_buffers(model)
+        return model
     if model_config is None:
         model_config = saved_config
     if model_config is None:
@@ -359,7 +507,12 @@ def build_skeleton(model_config: Any, saved_config: dict[str, Any] | None, *, wh
 
 
 def build_empty_model(checkpoint_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """The checkpoint's architecture (from ``config.json``) with parameters on meta, buffers real."""
+    """The checkpoint's architecture (from ``config.json``) in eval mode, built by
+    :func:`model_from_config`: parameters on meta (``dtype`` if given), computed buffers on the CPU.
+
+    Raises:
+        ValueError: no or invalid ``config.json``, or one that names no transformers model class.
+    """
     path = Path(checkpoint_dir) / "config.json"
     if not path.exists():
         raise ValueError(f"{path.parent}: no config.json; not a transformers checkpoint directory")
@@ -367,7 +520,9 @@ def build_empty_model(checkpoint_dir: str | os.PathLike, dtype: torch.dtype | No
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from e
-    return model_from_config(config, dtype=dtype, where=str(path.parent)).eval()
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must hold a JSON object (the model config), got a {type(config).__name__}")
+    return model_from_config(config, dtype=dtype, where=str(path)).eval()
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -509,6 +664,7 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
         raise ValueError(f"{checkpoint_dir}: these tensors of the architecture are not in the checkpoint: "
                          f"{leftovers[:10]}")
     record_plan(model, adapter, list(decisions.values()))
+    model._qw_source_dir = str(checkpoint_dir.resolve())  # a save never writes over its source weights
     model.eval()
     return model
 

@@ -43,6 +43,7 @@ from .surgery import QuantizationPlan, get_quantization_plan
 __all__ = [
     "save_quantized_model",
     "load_quantized_model",
+    "parse_size",
     "verify_checkpoint",
     "read_checkpoint_info",
     "CheckpointError",
@@ -61,8 +62,12 @@ _LIBRARIES = ("torch", "safetensors", "bitsandbytes", "hqq", "optimum-quanto", "
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _parse_size(size: int | str) -> int:
-    """Bytes in ``size`` (an int, or text such as ``"500MB"``, ``"2GiB"``); positive and finite."""
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size`` (an int, or text such as ``"500MB"``, ``"2GiB"``), as ``max_shard_size`` takes it.
+
+    Raises:
+        ValueError: not a size, or not positive and finite (naming ``max_shard_size`` and the value).
+    """
     allowed = "a positive number of bytes or a size such as 500MB, 2GB or 1GiB"
     if isinstance(size, bool) or not isinstance(size, (int, str)):
         raise ValueError(f"max_shard_size={size!r} is not a size; use {allowed}")
@@ -406,7 +411,7 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
     path = Path(os.path.abspath(path))
     if single_file and path.suffix != ".safetensors":
         raise ValueError(f"single_file=True needs a path ending in .safetensors, got {str(path)!r}")
-    max_bytes = _parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size)
     check_save_target(path, overwrite=overwrite, model=model, single_file=single_file)
     tensors, tied = _collect_tensors(model, plan, config)
     description = {

@@ -104,6 +104,7 @@ def test_quantize_with_layer_config_and_skip(checkpoint, tmp_path):
     (["quantize", "{ckpt}", "--method", "gptq", "--out", "x"], "invalid choice: 'gptq'"),
     (["quantize", "{ckpt}", "--method", "hqq", "--bits", "5", "--out", "x"], "bits=5 is not valid for method='hqq'"),
     (["quantize", "/no/such/dir", "--method", "hqq", "--out", "x"], "not a directory"),
+    (["quantize", "{ckpt}", "--method", "hqq", "--out", "{ckpt}"], "is MODEL_DIR"),
     (["inspect", "/no/such/dir"], "checkpoint not found"),
     (["recommend"], "give --model-size"),
     (["recommend", "--model-size", "7", "--backend", "cuda"], "--memory is required"),

@@ -335,3 +335,15 @@ def test_description_is_written_last_and_lists_every_file(model, tmp_path):
     path = qw.save_quantized_model(model, tmp_path / "ckpt", max_shard_size="100KB")
     info = json.loads((path / "quantization_config.json").read_text())
     assert set(info["files"]) == set(os.listdir(path)) - {"quantization_config.json"}
+
+
+def test_overwrite_replaces_same_named_files_and_leaves_nothing_behind(model, reference, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"model_type": "mine"}')
+    (project / "keep.txt").write_text("keep")
+    qw.save_quantized_model(model, project, overwrite=True)
+    assert json.loads((project / "config.json").read_text())["model_type"] == "llama"
+    assert (project / "keep.txt").read_text() == "keep"
+    assert leftovers(tmp_path) == []
+    assert torch.equal(logits(qw.load_quantized_model(project)), reference)
