@@ -14,6 +14,7 @@ through a few MB of resident memory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -49,6 +50,7 @@ __all__ = [
     "build_skeleton",
     "build_empty_model",
     "release_freed_memory_to_os",
+    "tensor_worker_pool",
 ]
 
 logger = logging.getLogger(__name__)
@@ -632,11 +634,7 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
                                          device="meta", dtype=weight_dtype), decision.config, decision.reason)
             return decision.name, module
 
-        threads = max(1, cores // workers)
-        pool = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantize",
-                                   initializer=torch.set_num_threads, initargs=(threads,))
-                if workers > 1 else _Inline())
-        with pool:
+        with tensor_worker_pool(workers, "quantize") as pool:
             for reader in files.readers:
                 for key in reader.keys():
                     module_name, _, attr = key.rpartition(".")
@@ -727,6 +725,27 @@ class _Inline:
         except BaseException as e:  # delivered by .result(), as a pool would
             future.set_exception(e)
         return future
+
+
+@contextlib.contextmanager
+def tensor_worker_pool(workers: int, name: str) -> Any:
+    """An executor for layer-sized tensor work: ``workers`` threads running torch ops on
+    ``cores // workers`` threads each, or the calling thread when ``workers`` is 1.
+
+    ``torch.set_num_threads`` in a worker also changes the count that threads created later in the
+    process start with; the count is restored on exit, so the call leaves it as it was.
+    """
+    if workers <= 1:
+        yield _Inline()
+        return
+    before = torch.get_num_threads()
+    per_worker = max(1, (os.cpu_count() or 1) // workers)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
+                                initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(before)
 
 
 def _install(model: nn.Module, result: tuple[str, nn.Module]) -> None:

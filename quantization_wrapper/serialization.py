@@ -37,7 +37,7 @@ from .adapters.base import QuantizationAdapter, get_adapter_class, leaf_tensors
 from .config import QuantizationConfig, QuantizationMethod
 from .checkpoint_dir import StagedDirectory, StagedFile, check_save_target, confined_file, recover
 from .errors import CheckpointError, ChecksumError, UnsafePathError
-from .loading import SafetensorsReader, _Inline, build_skeleton, release_freed_memory_to_os
+from .loading import SafetensorsReader, build_skeleton, release_freed_memory_to_os, tensor_worker_pool
 from .surgery import QuantizationPlan, get_quantization_plan
 
 __all__ = [
@@ -930,11 +930,8 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
             before_filling()
             # Their tensor work is a chain of memory-bound ops: two layers side by side on one
             # core each beat one layer on two cores (as when streaming).
-            cores = os.cpu_count() or 1
-            workers = min(len(deferred), 2 if cores >= 2 else 1)
-            pool = (ThreadPoolExecutor(workers, thread_name_prefix="restore", initializer=torch.set_num_threads,
-                                       initargs=(max(1, cores // workers),)) if workers > 1 else _Inline())
-            with pool:
+            workers = min(len(deferred), 2 if (os.cpu_count() or 1) >= 2 else 1)
+            with tensor_worker_pool(workers, "restore") as pool:
                 futures = [pool.submit(restore, *item[:6]) for item in deferred]
                 for item, future in zip(deferred, futures):
                     fill(*item, filled=future.result())

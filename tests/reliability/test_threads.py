@@ -41,7 +41,17 @@ def global_state() -> dict:
         "init_weights": transformers.PreTrainedModel.init_weights,
         "tie_weights": transformers.PreTrainedModel.tie_weights,
         "linspace": torch.linspace,
+        "new_thread_torch_threads": _new_thread_torch_threads(),
     }
+
+
+def _new_thread_torch_threads() -> int:
+    """Intra-op threads a thread created now starts with (a worker's set_num_threads changes it)."""
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
 
 
 ORIGINAL = global_state()
@@ -107,6 +117,18 @@ def test_concurrent_loads_are_exact(checkpoints):
         for model in models:
             assert not [n for n, t in model.state_dict().items() if t.device.type == "meta"]
             assert torch.equal(logits(model), expected)
+
+
+def test_worker_pools_leave_the_thread_count(checkpoints, tmp_path):
+    """Two-worker streaming and quanto's threaded restore set torch threads per worker."""
+    _, hf, _ = checkpoints
+    config = qw.QuantizationConfig(method="quanto_int4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = qw.load_and_quantize(hf, config, backend="cpu", progress=False, workers=2)
+        qw.save_quantized_model(model, tmp_path / "q")
+        qw.load_quantized_model(tmp_path / "q")
+    # the autouse fixture compares new_thread_torch_threads with its value before the test
 
 
 def test_concurrent_streaming_loads_are_exact(checkpoints):
