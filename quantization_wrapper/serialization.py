@@ -868,8 +868,8 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
             try:
                 return adapter.restore_linear(layer.in_features, layer.out_features, layer.bias, state,
                                               config=layer_config, dtype=dtype)
-            except CheckpointError:
-                raise
+            except CheckpointError as e:
+                raise type(e)(f"{path}: layer {name!r}: {e}") from e
             except Exception as e:
                 raise CheckpointError(f"{path}: layer {name!r} could not be restored from "
                                       f"{sorted(state)}: {type(e).__name__}: {e}") from e

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,6 +35,8 @@ __all__ = [
     "plan_linear_layers",
     "convert_layer",
     "record_plan",
+    "check_finite_weights",
+    "refuse_quantized_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -181,6 +185,85 @@ def _layer_bytes(linear: nn.Linear) -> int:
     return tensor_nbytes([linear.weight, linear.bias])
 
 
+def _non_finite(t: torch.Tensor | None) -> tuple[int, int]:
+    """``(inf, nan)`` counts of ``t`` (a min/max pass first: it is ~50x cheaper than ``isfinite``
+    over the whole tensor, and a weight is nearly always finite)."""
+    if t is None or not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":
+        return 0, 0
+    lo, hi = torch.aminmax(t.detach())  # nan propagates, and an inf is the min or the max
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return 0, 0
+    t = t.detach()
+    return int(torch.isinf(t).sum()), int(torch.isnan(t).sum())
+
+
+def _non_finite_report(name: str, linear: nn.Module) -> str | None:
+    parts = []
+    for attr in ("weight", "bias"):
+        t = getattr(linear, attr, None)
+        inf, nan = _non_finite(t)
+        if inf or nan:
+            parts.append(f"{inf + nan} of {t.numel()} {attr} values are non-finite ({inf} inf, {nan} nan)")
+    return f"{name}: {'; '.join(parts)}" if parts else None
+
+
+def check_finite_weights(decisions: list["LayerDecision"], *, converted: str = "nothing was converted") -> None:
+    """Refuse to quantize a layer whose weight or bias holds inf or nan: the quantizer's scales
+    absorb it, and a whole block's outputs (bitsandbytes: every output of the layer) turn non-finite.
+
+    Checks every decided layer that will be quantized and holds real tensors (meta layers are
+    checked when their weights arrive, in :func:`convert_layer`); layers kept in float, or by the
+    no-quantization method, are not checked.
+
+    Args:
+        decisions: the layers, from :func:`plan_linear_layers`.
+        converted: what the message says about the model's state.
+
+    Raises:
+        ValueError: naming each such layer, its count of non-finite values and the fix.
+    """
+    reports = {d.name: r for d in decisions if d.config is not None and d.config.method is not QuantizationMethod.NONE
+               for r in [_non_finite_report(d.name, d.linear)] if r is not None}
+    if reports:
+        names = list(reports)
+        raise ValueError(
+            f"cannot quantize layers with non-finite weights: {'; '.join(reports.values())}. Fix: clean the "
+            f"weights (e.g. torch.nan_to_num_, or reload them), or keep these layers in full precision "
+            f"by adding {names!r} to skip_modules; {converted}.")
+
+
+def refuse_quantized_model(model: nn.Module, method: QuantizationMethod | str | None = None) -> None:
+    """Refuse a model that is already quantized: it holds layers of a registered adapter's type or
+    carries a ``quantization_plan``. Quantizing it again would mix one format's layers under
+    another method's name, and its checkpoint would not load.
+
+    Args:
+        model: the model about to be quantized.
+        method: the method asked for, named in the message.
+
+    Raises:
+        ValueError: saying what the model holds (layer types and counts, the recorded method) and
+            what to do instead.
+    """
+    counts = Counter(type(m).__name__ for m in model.modules() if is_quantized_module(m))
+    plan = get_quantization_plan(model)
+    if not counts and plan is None:
+        return
+    held = []
+    if counts:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+        held.append(f"{sum(counts.values())} quantized layers ({kinds})")
+    if plan is not None:
+        held.append(f"a quantization_plan of method {plan.method!r} ({len(plan.converted)} layers converted)")
+    asked = f" with {QuantizationMethod.parse(method).value}" if method is not None else ""
+    raise ValueError(
+        f"the model is already quantized: it holds {' and '.join(held)}. Quantizing it again{asked} would "
+        f"leave those layers as they are under another method's name, and its checkpoint would not load. "
+        f"Fix: load the full-precision model again (e.g. from_pretrained on the original checkpoint) and "
+        f"quantize that; a quantized model is saved and reloaded with save_quantized_model / "
+        f"load_quantized_model")
+
+
 @dataclass
 class LayerDecision:
     """What the walker decided for one linear layer before converting anything."""
@@ -196,7 +279,8 @@ def plan_linear_layers(model: nn.Module, adapter: QuantizationAdapter, skip_modu
     """Decide, for every ``nn.Linear`` of ``model``, whether and how it will be quantized.
 
     Applies ``skip_modules``, ``module_filter`` (then its ``validate()``), ``layer_configs`` and the
-    group-size fit; warns about skip/override patterns that matched nothing. Converts nothing, so it
+    group-size fit; warns about skip/override patterns that matched nothing; refuses layers to
+    quantize whose real weights are not finite (:func:`check_finite_weights`). Converts nothing, so it
     works on a meta-device skeleton too. Used by :func:`replace_linear_with_quantized` and by the
     streaming loader.
     """
@@ -243,16 +327,24 @@ def plan_linear_layers(model: nn.Module, adapter: QuantizationAdapter, skip_modu
     if module_filter is not None:
         module_filter.validate()
     _warn_unmatched(skip, skip_hits, config, override_hits)
+    check_finite_weights(decisions)
     return decisions
 
 
-def convert_layer(adapter: QuantizationAdapter, decision: LayerDecision) -> nn.Module:
+def convert_layer(adapter: QuantizationAdapter, decision: LayerDecision, *, check_finite: bool = True) -> nn.Module:
     """Build the replacement module for one decided layer (empty on meta, quantized otherwise).
 
+    Args:
+        check_finite: refuse non-finite weights (see :func:`check_finite_weights`); ``False`` when
+            the caller has checked them (:func:`plan_linear_layers` does for real weights).
+
     Raises:
-        QuantizationError: naming the layer, shape and method.
+        ValueError: the layer holds non-finite weights.
+        QuantizationError: the adapter failed, naming the layer, shape and method.
     """
     linear, layer_cfg = decision.linear, decision.config
+    if check_finite:
+        check_finite_weights([decision], converted="the layer was not converted")
     target = adapter.for_method(layer_cfg.method)
     try:
         if linear.weight.device.type == "meta":
@@ -333,7 +425,8 @@ def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter
 
     Raises:
         QuantizationError: a layer failed; the model is left exactly as it was.
-        ValueError: bad arguments, or a module filter whose names matched nothing.
+        ValueError: bad arguments, a module filter whose names matched nothing, or a layer to
+            quantize with non-finite weights (found before any layer is converted).
     """
     decisions = plan_linear_layers(model, adapter, skip_modules, module_filter)
     replaced: list[tuple[str, nn.Module]] = []
@@ -341,7 +434,7 @@ def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter
     bar = tqdm(todo, desc=f"quantizing ({adapter.config.method.value})", unit="layer", disable=not progress)
     try:
         for decision in bar:
-            new = convert_layer(adapter, decision)
+            new = convert_layer(adapter, decision, check_finite=False)  # plan_linear_layers checked them
             model.set_submodule(decision.name, new)
             replaced.append((decision.name, decision.linear))
     except BaseException:

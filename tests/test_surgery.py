@@ -150,6 +150,27 @@ def test_second_pass_does_not_requantize(tiny_model, make):
     assert len(tiny_model.quantization_plan.quantized) == 9
 
 
+def test_quantize_model_refuses_an_already_quantized_model(tiny_model, make):
+    adapter = make()
+    adapter.quantize_model(tiny_model)
+    with pytest.raises(ValueError, match=r"already quantized: it holds 8 quantized layers \(8 RowInt8Linear\) and "
+                                         r"a quantization_plan of method 'hqq' \(8 layers converted\)"):
+        adapter.quantize_model(tiny_model, skip_modules=[])
+    assert len(adapter.calls) == 8
+
+
+def test_non_finite_weights_are_refused_before_any_layer_is_converted(tiny_model, make):
+    adapter = make()
+    with torch.no_grad():
+        tiny_model.layers[1].mlp["down_proj"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layers.1.mlp.down_proj: 1 of 8192 weight values are non-finite "
+                                         r"\(0 inf, 1 nan\)"):
+        replace_linear_with_quantized(tiny_model, adapter)
+    assert adapter.calls == [] and get_quantization_plan(tiny_model) is None
+    replace_linear_with_quantized(tiny_model, adapter, skip_modules=["lm_head", "layers.1.mlp.down_proj"])
+    assert len(adapter.calls) == 7 and "layers.1.mlp.down_proj" not in adapter.calls
+
+
 def test_rejects_single_linear_and_non_modules(make):
     with pytest.raises(ValueError, match="quantize_linear"):
         replace_linear_with_quantized(nn.Linear(4, 4), make())

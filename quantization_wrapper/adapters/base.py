@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import sys
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from backend_manager import Backend, detect_backend, get_library_status
 
-from ..config import METHOD_SPECS, QuantizationConfig, QuantizationMethod
+from ..config import METHOD_SPECS, QuantizationConfig, QuantizationMethod, dtype_to_str
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..validation import ValidationIssue
@@ -31,6 +32,9 @@ __all__ = [
     "registered_methods",
     "tensor_nbytes",
     "is_quantized_module",
+    "LayerStateSpec",
+    "check_state_spec",
+    "common_dtype",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,6 +131,76 @@ def is_quantized_module(module: nn.Module) -> bool:
         if cls.quantized_module_types() and isinstance(module, cls.quantized_module_types()):
             return True
     return False
+
+
+#: What a layer state must hold: ``{key: (dtype, shape)}``, or ``(dtype, shape, optional)``. A dtype
+#: may be a tuple of accepted dtypes; a shape may hold ``None`` for a free dimension.
+LayerStateSpec = Mapping[str, tuple]
+
+
+def _fmt_dtype(dtype: Any) -> str:
+    if isinstance(dtype, tuple):
+        return "one of " + "/".join(dtype_to_str(d) for d in dtype)
+    return dtype_to_str(dtype)
+
+
+def _fmt_shape(shape: tuple | None) -> str:
+    return "any shape" if shape is None else "(" + ", ".join("*" if d is None else str(d) for d in shape) + \
+        ("," if len(shape) == 1 else "") + ")"
+
+
+def check_state_spec(state: Mapping[str, torch.Tensor], spec: LayerStateSpec, *, where: str) -> None:
+    """Check every tensor of a layer state against ``spec``: the same keys (optional ones may be
+    absent), and each tensor's dtype and shape.
+
+    Args:
+        state: the layer state (tensor names relative to the layer).
+        spec: ``{key: (dtype, shape[, optional])}`` (see :data:`LayerStateSpec`).
+        where: the layer, as the message names it (method, shape, settings).
+
+    Raises:
+        CheckpointError: naming every key that is missing, unknown, or of another dtype or shape,
+            with what it holds and what the format requires.
+    """
+    problems = []
+    required = {k for k, entry in spec.items() if not (len(entry) > 2 and entry[2])}
+    missing = sorted(required - set(state))
+    unknown = sorted(set(state) - set(spec))
+    if missing:
+        problems.append(f"missing {missing}")
+    if unknown:
+        problems.append(f"unknown keys {unknown} (the format has {sorted(spec)})")
+    for key, tensor in state.items():
+        if key not in spec:
+            continue
+        dtype, shape = spec[key][0], spec[key][1]
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(f"{key!r} is a {type(tensor).__name__}, not a tensor")
+            continue
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        dtype_ok = dtype is None or tensor.dtype in allowed
+        shape_ok = shape is None or (tensor.ndim == len(shape) and all(
+            want is None or got == want for got, want in zip(tensor.shape, shape)))
+        if not (dtype_ok and shape_ok):
+            problems.append(f"{key!r} is {dtype_to_str(tensor.dtype)} {_fmt_shape(tuple(tensor.shape))}, "
+                            f"expected {_fmt_dtype(dtype) if dtype is not None else 'any dtype'} {_fmt_shape(shape)}")
+    if problems:
+        raise CheckpointError(f"{where}: the layer state does not match its format: " + "; ".join(problems) +
+                              ". The checkpoint was altered or written by another tool; save it again from the "
+                              "quantized model")
+
+
+def common_dtype(state: Mapping[str, torch.Tensor], keys: Iterable[str],
+                 allowed: tuple[torch.dtype, ...]) -> torch.dtype | tuple[torch.dtype, ...]:
+    """The dtype that most of ``keys`` (those present, in ``allowed``) hold in ``state``, the first
+    key's on a tie; ``allowed`` itself when none qualifies. For formats whose tensors must share one
+    compute dtype the checkpoint does not record: one odd tensor is then the one reported."""
+    counts: dict[torch.dtype, int] = {}
+    for key in keys:
+        t = state.get(key)
+        if isinstance(t, torch.Tensor) and t.dtype in allowed:
+            counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else allowed
 
 
 class QuantizationAdapter(ABC):
@@ -246,11 +320,35 @@ class QuantizationAdapter(ABC):
         module.load_state_dict(state, strict=True, assign=True)
         return module
 
+    def layer_state_spec(self, in_features: int, out_features: int, bias: bool, state: Mapping[str, torch.Tensor],
+                         *, config: QuantizationConfig) -> LayerStateSpec | None:
+        """Every key :meth:`layer_state_dict` writes for such a layer, with its dtype and shape, as
+        the format requires them (a dtype the format leaves to the model, e.g. the compute dtype,
+        may be read from ``state``). ``None``: the adapter declares none, and only
+        :meth:`load_layer_state`'s own checks apply."""
+        return None
+
+    def check_layer_state(self, in_features: int, out_features: int, bias: bool, state: Mapping[str, torch.Tensor],
+                          *, config: QuantizationConfig) -> None:
+        """Raise :class:`~quantization_wrapper.errors.CheckpointError` unless ``state`` matches
+        :meth:`layer_state_spec` key for key, in dtype and shape."""
+        spec = self.layer_state_spec(in_features, out_features, bias, state, config=config)
+        if spec is not None:
+            settings = [f"{config.bits}-bit"] + ([f"group {config.group_size}"] if config.group_size else [])
+            where = (f"{config.method.value} layer {out_features}x{in_features} ({', '.join(settings)}, "
+                     f"{'with' if bias else 'no'} bias)")
+            check_state_spec(state, spec, where=where)
+
     def restore_linear(self, in_features: int, out_features: int, bias: bool, state: dict[str, torch.Tensor], *,
                        config: QuantizationConfig | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         """A quantized layer rebuilt from :meth:`layer_state_dict` output: what the loader calls.
-        By default :meth:`create_quantized_linear` on meta, then :meth:`load_layer_state`; an
-        adapter overrides it where it can build the layer more directly."""
+        By default :meth:`check_layer_state`, then :meth:`create_quantized_linear` on meta, then
+        :meth:`load_layer_state`; an adapter overrides it where it can build the layer more directly.
+
+        Raises:
+            CheckpointError: ``state`` does not match the format (keys, dtypes, shapes).
+        """
+        self.check_layer_state(in_features, out_features, bias, state, config=config or self.config)
         empty = self.create_quantized_linear(in_features, out_features, bias, config=config, device="meta",
                                              dtype=dtype)
         return self.load_layer_state(empty, state)
@@ -307,9 +405,14 @@ class QuantizationAdapter(ABC):
                 callable ``(module, name) -> bool``.
             **kwargs: passed to :func:`~quantization_wrapper.surgery.replace_linear_with_quantized`
                 (``skip_modules``, ``progress``).
-        """
-        from ..surgery import replace_linear_with_quantized
 
+        Raises:
+            ValueError: the model already holds quantized layers or a quantization plan (quantize
+                the full-precision model instead), or a layer to quantize has non-finite weights.
+        """
+        from ..surgery import refuse_quantized_model, replace_linear_with_quantized
+
+        refuse_quantized_model(model, self.config.method)
         return replace_linear_with_quantized(model, self, module_filter=module_filter, **kwargs)
 
     def mark_model(self, model: nn.Module) -> None:

@@ -35,15 +35,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
-from .base import QuantizationAdapter, register_adapter, tensor_nbytes
+from ..errors import CheckpointError
+from .base import LayerStateSpec, QuantizationAdapter, register_adapter, tensor_nbytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from backend_manager import Backend
@@ -60,6 +62,7 @@ _BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # reinterpreted, never converted).
 _BNB_QUANT_STORAGE = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 _NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the 4-bit absmax in blocks of 256
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT8_DEFAULT_THRESHOLD = 6.0
 
 BNB_BACKEND_OPTIONS: dict[str, str] = {
@@ -416,8 +419,7 @@ class BitsAndBytesAdapter(QuantizationAdapter):
             SCB = torch.empty((out_features,), dtype=torch.float32, device=device)
             new.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
             if bias:
-                new.bias = nn.Parameter(torch.empty(out_features, dtype=source_dtype, device=device),
-                                        requires_grad=False)
+                new.bias = nn.Parameter(torch.empty(out_features, dtype=source_dtype, device=device))
             return new
 
         compute_dtype = config.compute_dtype or source_dtype
@@ -452,8 +454,7 @@ class BitsAndBytesAdapter(QuantizationAdapter):
                                        module=new, bnb_quantized=True)
         new.quant_state = state
         if bias:
-            new.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device),
-                                    requires_grad=False)
+            new.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device))
         return new
 
     def dequantize_module(self, module: nn.Module) -> nn.Linear:
@@ -502,6 +503,65 @@ class BitsAndBytesAdapter(QuantizationAdapter):
             raise ValueError(f"layer_state_dict expects a bitsandbytes layer, got {type(module).__name__}")
         return {k: v.detach().as_subclass(torch.Tensor) for k, v in module.state_dict().items()}
 
+    def layer_state_spec(self, in_features: int, out_features: int, bias: bool, state: Mapping[str, torch.Tensor],
+                         *, config: QuantizationConfig) -> LayerStateSpec:
+        """transformers' bitsandbytes keys with the dtypes and shapes bitsandbytes writes.
+
+        4-bit: ``weight`` (packed, ``storage_dtype`` or ``uint8``, ``(bytes / itemsize, 1)``),
+        ``weight.absmax`` (one per block: ``uint8`` with double quantization, else ``float32``),
+        ``weight.quant_map`` (16 ``float32``), with double quantization ``weight.nested_absmax``
+        (``float32``, one per 256 blocks) and ``weight.nested_quant_map`` (256 ``float32``), the
+        ``uint8`` JSON of ``weight.quant_state.bitsandbytes__<quant_type>``, and ``bias`` in the
+        compute dtype (``config.compute_dtype``, else the dtype the JSON records). INT8: ``weight``
+        ``int8`` ``(out, in)``, ``SCB`` ``float32`` ``(out,)``, ``weight_format`` (a ``uint8``
+        scalar) and ``bias`` in the layer's float dtype.
+        """
+        config = self._checked(config)
+        if config.method is M.BNB_INT8:
+            spec: dict[str, tuple] = {"weight": (torch.int8, (out_features, in_features)),
+                                      "SCB": (torch.float32, (out_features,)),
+                                      "weight_format": (torch.uint8, (), True)}
+            if bias:
+                spec["bias"] = (_FLOAT_DTYPES, (out_features,))
+            return spec
+        storage = config.storage_dtype or torch.uint8
+        n = in_features * out_features
+        blocks = -(n // -config.group_size)
+        spec = {"weight": (storage, ((n + 1) // (storage.itemsize * 2), 1)),
+                "weight.quant_map": (torch.float32, (16,)),
+                _quant_state_key(config): (torch.uint8, (None,))}
+        if config.double_quant:
+            spec["weight.absmax"] = (torch.uint8, (blocks,))
+            spec["weight.nested_absmax"] = (torch.float32, (-(blocks // -_NESTED_BLOCKSIZE),))
+            spec["weight.nested_quant_map"] = (torch.float32, (256,))
+        else:
+            spec["weight.absmax"] = (torch.float32, (blocks,))
+        if bias:
+            spec["bias"] = (config.compute_dtype or _quantized_dtype(state, config) or _FLOAT_DTYPES, (out_features,))
+        return spec
+
+    def restore_linear(self, in_features: int, out_features: int, bias: bool, state: dict[str, torch.Tensor], *,
+                       config: QuantizationConfig | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        """The layer rebuilt from :meth:`layer_state_dict` output, after :meth:`check_layer_state`.
+        The dtype it was quantized from (which sets the compute dtype) is read from the state, not
+        taken from ``dtype``: a skeleton built without one is float32 whatever the checkpoint holds.
+
+        Raises:
+            CheckpointError: ``state`` does not match :meth:`layer_state_spec`.
+        """
+        config = self._checked(config or self.config)
+        self.check_layer_state(in_features, out_features, bias, state, config=config)
+        if config.method is M.BNB_INT8:
+            source = state["bias"].dtype if bias else dtype
+        else:
+            source = _quantized_dtype(state, config)
+            if source is None:
+                raise CheckpointError(f"{_quant_state_key(config)!r} does not record the dtype the layer was "
+                                      f"quantized from (float32, float16 or bfloat16)")
+        empty = self.create_quantized_linear(in_features, out_features, bias, config=config, device="meta",
+                                             dtype=source)
+        return self.load_layer_state(empty, state)
+
     def load_layer_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         """Fill a layer from :meth:`create_quantized_linear` (possibly on meta) with a state dict in
         transformers' bitsandbytes format. Tensors stay where they are unless the adapter has a
@@ -530,7 +590,8 @@ class BitsAndBytesAdapter(QuantizationAdapter):
         else:
             raise ValueError(f"load_layer_state expects a bitsandbytes layer, got {type(module).__name__}")
         if bias is not None:
-            module.bias = nn.Parameter(bias.to(target), requires_grad=False)
+            # trainable, as nn.Linear's bias (and so the layers quantize_model builds from one)
+            module.bias = nn.Parameter(bias.to(target))
         return module
 
     def _load_4bit(self, module: nn.Module, state: dict[str, torch.Tensor], target: torch.device) -> None:
@@ -599,6 +660,23 @@ class BitsAndBytesAdapter(QuantizationAdapter):
         model.is_loaded_in_8bit = any(isinstance(m, bnb.nn.Linear8bitLt) for m in modules)
         model.is_quantized = True
         model.quantization_method = "bitsandbytes"
+
+
+def _quant_state_key(config: QuantizationConfig) -> str:
+    return f"weight.quant_state.bitsandbytes__{config.quant_type}"
+
+
+def _quantized_dtype(state: Mapping[str, torch.Tensor], config: QuantizationConfig) -> torch.dtype | None:
+    """The dtype a 4-bit layer was quantized from, as its quant-state JSON records it; ``None`` when
+    the entry is absent, unreadable or names no float dtype."""
+    blob = state.get(_quant_state_key(config))
+    if not (isinstance(blob, torch.Tensor) and blob.dtype == torch.uint8 and blob.ndim == 1):
+        return None
+    try:
+        name = json.loads(bytes(blob.cpu().numpy()).decode("utf-8")).get("dtype")
+    except (ValueError, AttributeError):
+        return None
+    return next((d for d in _FLOAT_DTYPES if dtype_to_str(d) == name), None)
 
 
 def _quant_state_tensors(state: Any) -> list[torch.Tensor]:

@@ -8,12 +8,13 @@ fp32 model), so the rest of a training script runs unchanged.
 from __future__ import annotations
 
 import warnings
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
-from .base import QuantizationAdapter, register_adapter
+from .base import LayerStateSpec, QuantizationAdapter, common_dtype, register_adapter
 
 __all__ = ["FallbackAdapter", "FloatLinear"]
 
@@ -59,6 +60,17 @@ class FallbackAdapter(QuantizationAdapter):
         config = config or self.config
         return FloatLinear(in_features, out_features, bias, device=device or self.device,
                            dtype=config.compute_dtype or dtype)
+
+    def layer_state_spec(self, in_features: int, out_features: int, bias: bool, state: Mapping[str, torch.Tensor],
+                         *, config: QuantizationConfig) -> LayerStateSpec:
+        """``weight`` ``(out, in)`` and ``bias`` ``(out,)``, both in ``config.compute_dtype`` (else the
+        float dtype they hold)."""
+        floats = (torch.float32, torch.float16, torch.bfloat16)
+        dtype = config.compute_dtype or common_dtype(state, ("weight", "bias"), floats)
+        spec = {"weight": (dtype, (out_features, in_features))}
+        if bias:
+            spec["bias"] = (dtype, (out_features,))
+        return spec
 
     def dequantize_module(self, module: nn.Module) -> nn.Linear:
         if not isinstance(module, nn.Linear):

@@ -36,13 +36,13 @@ from __future__ import annotations
 import functools
 import math
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
-from .base import QuantizationAdapter, register_adapter, tensor_nbytes
+from .base import LayerStateSpec, QuantizationAdapter, common_dtype, register_adapter, tensor_nbytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from backend_manager import Backend
@@ -251,6 +251,18 @@ def _decode_str(t: torch.Tensor) -> str:
     return bytes(t.to(torch.uint8).tolist()).decode("ascii")
 
 
+def _named_dtype(t: Any) -> torch.dtype | None:
+    """The float dtype an encoded dtype name (``uint8`` codes of e.g. ``"torch.float16"``) names;
+    ``None`` when ``t`` is not such a name."""
+    if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 1 and t.numel() <= 32):
+        return None
+    try:
+        dtype = _STATE_DTYPES.get(_decode_str(t))
+    except UnicodeDecodeError:
+        return None
+    return dtype if dtype in _FLOAT_DTYPES else None
+
+
 # ---------------------------------------------------------------------- the adapter
 @register_adapter(QuantizationMethod.HQQ)
 class HQQAdapter(QuantizationAdapter):
@@ -426,6 +438,31 @@ class HQQAdapter(QuantizationAdapter):
                 raise ValueError(f"HQQ state value {key!r} is a {type(value).__name__}, not a tensor")
             out[key] = value.detach()
         return out
+
+    def layer_state_spec(self, in_features: int, out_features: int, bias: bool, state: Mapping[str, torch.Tensor],
+                         *, config: QuantizationConfig) -> LayerStateSpec:
+        """hqq's encoded state dict: ``W_q`` in the storage dtype (``uint8``, ``int32`` for 3-bit, or
+        ``storage_dtype``), ``scale``/``zero`` (one per group) and ``bias`` in the compute dtype, the
+        settings as hqq encodes them (ints ``int32``, the shape ``int64``, strings and flags
+        ``uint8``). The compute dtype is ``config.compute_dtype``, else the one the state names.
+        Flags older hqq versions do not write may be absent."""
+        compute = config.compute_dtype or _named_dtype(state.get("compute_dtype"))
+        if compute is None:
+            compute = common_dtype(state, ("scale", "zero", "bias"), _FLOAT_DTYPES)
+        skeleton = _raw_skeleton_state(config, in_features, out_features, bias,
+                                       compute if isinstance(compute, torch.dtype) else torch.float32,
+                                       torch.device("meta"))
+        spec: dict[str, tuple] = {"W_q": (skeleton["W_q"].dtype, tuple(skeleton["W_q"].shape))}
+        for key in ("scale", "zero") + (("bias",) if bias else ()):
+            spec[key] = (compute, tuple(skeleton[key].shape))
+        spec.update({key: (torch.int32, ()) for key in _INT_KEYS})
+        spec["shape"] = (torch.int64, (2,))
+        spec["packing"] = (torch.uint8, (len(_PACKING[config.bits]),))
+        spec["unpack_view_dtype"] = (torch.uint8, (len(str(_native_dtype(config.bits))),))
+        spec["compute_dtype"] = (torch.uint8, (len(str(compute)) if isinstance(compute, torch.dtype) else None,))
+        spec.update({key: (torch.uint8, (), True) for key in _BOOL_KEYS + ("encoded_state_dict",)})
+        spec["view_as_float"] = (torch.uint8, ())
+        return spec
 
     def load_layer_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         """Install ``state`` (from :meth:`layer_state_dict`, e.g. read from safetensors) into

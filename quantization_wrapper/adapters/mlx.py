@@ -44,7 +44,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ from torch import nn
 from backend_manager import Backend, get_library_status, is_library_usable
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
-from .base import QuantizationAdapter, register_adapter
+from .base import LayerStateSpec, QuantizationAdapter, common_dtype, register_adapter
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..validation import ValidationIssue
@@ -565,8 +565,6 @@ class MLXAdapter(QuantizationAdapter):
         config, options = self._layer(name, config, linear.in_features, linear.out_features)
         dtype = _compute_dtype(config, weight.dtype)
         device = self.device or weight.device
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"{name or 'layer'} has non-finite weights (inf or nan); they cannot be quantized")
         module = MLXQuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                     bits=config.bits, group_size=config.group_size, dtype=dtype,
                                     storage_dtype=config.storage_dtype, kernel=options["kernel"],
@@ -624,6 +622,20 @@ class MLXAdapter(QuantizationAdapter):
         if module.bias is not None:
             state["bias"] = module.bias.detach()
         return state
+
+    def layer_state_spec(self, in_features: int, out_features: int, bias: bool, state: Mapping[str, torch.Tensor],
+                         *, config: QuantizationConfig) -> LayerStateSpec:
+        """mlx-lm's layout: ``weight`` ``uint32`` ``(out, in * bits / 32)``; ``scales`` and ``biases``
+        ``(out, in / group_size)`` and ``bias`` ``(out,)`` in the compute dtype (``config.compute_dtype``,
+        else the dtype most of them hold: the checkpoint does not record it)."""
+        config, _ = self._layer(None, config, in_features, out_features)
+        compute = config.compute_dtype or common_dtype(state, ("scales", "biases", "bias"), _FLOAT_DTYPES)
+        groups = in_features // config.group_size
+        spec = {"weight": (torch.uint32, (out_features, in_features * config.bits // 32)),
+                "scales": (compute, (out_features, groups)), "biases": (compute, (out_features, groups))}
+        if bias:
+            spec["bias"] = (compute, (out_features,))
+        return spec
 
     def load_layer_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         """Fill ``module`` with :meth:`layer_state_dict` output (or mlx-lm's tensors) without copying;

@@ -32,15 +32,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import warnings
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
-from .base import QuantizationAdapter, leaf_tensors, register_adapter, tensor_nbytes
+from .base import LayerStateSpec, QuantizationAdapter, common_dtype, leaf_tensors, register_adapter, tensor_nbytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from backend_manager import Backend
@@ -62,6 +63,9 @@ _REJECTED_OPTIONS = {
     "weights": "the weight qtype comes from QuantizationConfig.method (quanto_int2/int4/int8/fp8)",
 }
 _MAX_SHIFT_ULPS = 4
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: The tensors of a frozen layer that hold the compute dtype.
+_COMPUTE_KEYS = ("weight._scale", "weight._shift", "bias", "input_scale", "output_scale")
 
 
 @functools.cache
@@ -453,13 +457,19 @@ def _exact_tinygemm_shifts(weight: torch.Tensor, scale: torch.Tensor, shift: tor
     return shift
 
 
+_TEMPLATE_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=256)
 def _frozen_meta_template(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                           method: QuantizationMethod) -> nn.Module:
-    qlinear = _quanto_linear_class()(in_features, out_features, bias, device="meta", dtype=dtype,
-                                     weights=_qtype(method))
-    with torch.no_grad():
-        qlinear.freeze()
+    # One at a time: quanto's first freeze compiles its ops, and CPython 3.11 builds ASTs
+    # non-reentrantly ("AST constructor recursion depth mismatch" seen with two restore threads).
+    with _TEMPLATE_LOCK:
+        qlinear = _quanto_linear_class()(in_features, out_features, bias, device="meta", dtype=dtype,
+                                         weights=_qtype(method))
+        with torch.no_grad():
+            qlinear.freeze()
     return qlinear
 
 
@@ -468,8 +478,15 @@ def _frozen_state_shapes(in_features: int, out_features: int, bias: bool, dtype:
                          method: QuantizationMethod) -> dict[str, tuple[int, ...]]:
     """The state-dict key shapes of a frozen layer (what :meth:`QuantoAdapter.layer_state_dict`
     gives for it)."""
+    return {k: shape for k, (_, shape) in _frozen_state_layout(in_features, out_features, bias, dtype, method).items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _frozen_state_layout(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                         method: QuantizationMethod) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``{key: (dtype, shape)}`` of a frozen layer's state dict."""
     template = _frozen_meta_template(in_features, out_features, bias, dtype, method)
-    return {k: tuple(v.shape) for k, v in template.state_dict().items()}
+    return {k: (v.dtype, tuple(v.shape)) for k, v in template.state_dict().items()}
 
 
 @register_adapter(M.QUANTO_INT2, M.QUANTO_INT4, M.QUANTO_INT8, M.QUANTO_FP8)
@@ -664,11 +681,27 @@ class QuantoAdapter(QuantizationAdapter):
                                                             state["weight._shift"])
         return state
 
+    def layer_state_spec(self, in_features: int, out_features: int, bias: bool, state: Mapping[str, torch.Tensor],
+                         *, config: QuantizationConfig) -> LayerStateSpec:
+        """quanto's state dict of a frozen layer of this shape and qtype (asked from quanto, on meta):
+        packed data in the qtype's storage dtype, scales, shifts, bias and the activation scales in
+        the compute dtype (``config.compute_dtype``, else the dtype most of them hold)."""
+        config = self._checked(config)
+        compute = config.compute_dtype or common_dtype(state, _COMPUTE_KEYS, _FLOAT_DTYPES)
+        probe = compute if isinstance(compute, torch.dtype) else torch.float32
+        layout = _frozen_state_layout(in_features, out_features, bool(bias), probe, config.method)
+        return {k: (compute if dtype == probe else dtype, shape) for k, (dtype, shape) in layout.items()}
+
     def restore_linear(self, in_features: int, out_features: int, bias: bool, state: dict[str, torch.Tensor], *,
                        config: QuantizationConfig | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         """A CPU bfloat16 ``qint4`` layer is built straight from its state (the standard bytes
-        regrouped for the kernel); every other layer through :meth:`load_layer_state`."""
+        regrouped for the kernel); every other layer through :meth:`load_layer_state`.
+
+        Raises:
+            CheckpointError: ``state`` does not match :meth:`layer_state_spec`.
+        """
         config = self._checked(config or self.config)
+        self.check_layer_state(in_features, out_features, bias, state, config=config)
         scale, data, shift = (state.get(f"weight.{k}") for k in ("_scale", "_data._data", "_shift"))
         # As quanto's loader does, the saved scales decide the layer's dtype (and its kernel).
         if (config.method is M.QUANTO_INT4 and scale is not None
@@ -689,7 +722,9 @@ class QuantoAdapter(QuantizationAdapter):
                     qlinear.input_scale = state["input_scale"]
                     qlinear.output_scale = state["output_scale"]
                     return qlinear
-        return super().restore_linear(in_features, out_features, bias, state, config=config, dtype=dtype)
+        empty = self.create_quantized_linear(in_features, out_features, bias, config=config, device="meta",
+                                             dtype=dtype)
+        return self.load_layer_state(empty, state)
 
     def load_layer_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         """Fill a layer from :meth:`create_quantized_linear` with :meth:`layer_state_dict` output
