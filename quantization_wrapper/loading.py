@@ -618,6 +618,13 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
             weight_dtype = real.weight.dtype
             module = convert_layer(adapter, LayerDecision(decision.name, real, decision.config, decision.reason))
             del real, tensors
+            # The weights went in frozen (no autograd while quantizing); the float parameters the
+            # layer keeps (a bias, the fallback's weight) get the flag the architecture gives them,
+            # as quantize_model leaves them.
+            for attr in ("weight", "bias"):
+                kept = module._parameters.get(attr)
+                if type(kept) is nn.Parameter and kept.is_floating_point() and getattr(linear, attr) is not None:
+                    kept.requires_grad_(getattr(linear, attr).requires_grad)
             _own_memory(module, reader, decision.name)
             reader.release(keys.values())
             # Hand the freed temporaries back once resident memory has grown by _TRIM_SLACK since

@@ -299,6 +299,7 @@ def plan_linear_layers(model: nn.Module, adapter: QuantizationAdapter, skip_modu
     decisions: list[LayerDecision] = []
     skip_hits: set[str] = set()
     override_hits: set[str] = set()
+    overruled: dict[str, str] = {}  # layer_configs pattern -> the skip_modules pattern that won
     for name, module in model.named_modules():
         wanted = module_filter(module, name) if module_filter is not None else True
         if not isinstance(module, nn.Linear) or is_quantized_module(module):
@@ -306,7 +307,12 @@ def plan_linear_layers(model: nn.Module, adapter: QuantizationAdapter, skip_modu
         pattern = best_match(name, skip)
         if pattern is not None:
             skip_hits.add(pattern)
-            decisions.append(LayerDecision(name, module, None, f"skip_modules: {pattern!r}"))
+            override = best_match(name, config.layer_configs)
+            reason = f"skip_modules: {pattern!r}"
+            if override is not None:  # skip_modules wins over layer_configs, whatever their specificity
+                overruled.setdefault(override, pattern)
+                reason += f" (wins over layer_configs[{override!r}])"
+            decisions.append(LayerDecision(name, module, None, reason))
             continue
         if not wanted:
             decisions.append(LayerDecision(name, module, None, "excluded by module_filter"))
@@ -326,7 +332,7 @@ def plan_linear_layers(model: nn.Module, adapter: QuantizationAdapter, skip_modu
 
     if module_filter is not None:
         module_filter.validate()
-    _warn_unmatched(skip, skip_hits, config, override_hits)
+    _warn_unmatched(skip, skip_hits, config, override_hits, overruled)
     check_finite_weights(decisions)
     return decisions
 
@@ -448,13 +454,18 @@ def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter
 
 
 def _warn_unmatched(skip: list[str], skip_hits: set[str], config: QuantizationConfig,
-                    override_hits: set[str]) -> None:
+                    override_hits: set[str], overruled: dict[str, str]) -> None:
     default_skip = QuantizationConfig.__dataclass_fields__["skip_modules"].default_factory()
     unmatched_skip = [p for p in skip if p not in skip_hits and p not in default_skip]
     if unmatched_skip:
         warnings.warn(f"skip_modules {unmatched_skip} matched no linear layer; check the names "
                       f"against model.named_modules()", stacklevel=3)
-    unmatched_overrides = [p for p in config.layer_configs if p not in override_hits]
+    for override, pattern in overruled.items():
+        if override not in override_hits:
+            warnings.warn(f"layer_configs[{override!r}] applies only to modules that skip_modules[{pattern!r}] keeps "
+                          f"in full precision; skip_modules wins over layer_configs, so the override has no "
+                          f"effect. Remove one of the two entries", stacklevel=3)
+    unmatched_overrides = [p for p in config.layer_configs if p not in override_hits and p not in overruled]
     if unmatched_overrides:
         warnings.warn(f"layer_configs {unmatched_overrides} matched no linear layer; check the names "
                       f"against model.named_modules()", stacklevel=3)

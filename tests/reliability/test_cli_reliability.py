@@ -256,9 +256,6 @@ def test_interrupt_exits_130(capsys, monkeypatch):
 
 
 # ------------------------------------------------------------ skip_modules vs layer_configs
-@pytest.mark.xfail(reason="the warning comes from surgery._warn_unmatched (not ours to edit): a "
-                          "layer_configs entry that matched only skipped modules is reported as "
-                          "matching nothing", strict=False)
 def test_skipped_module_with_layer_config_is_reported_as_skipped(model_dir, tmp_path, capsys):
     layers = tmp_path / "layers.json"
     layers.write_text(json.dumps({"model.layers.0.self_attn.q_proj": {"bits": 8}}))

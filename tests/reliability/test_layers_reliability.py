@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+import quantization_wrapper as qw
 from conftest import TinyModel
 from quantization_wrapper import (
     QuantizationConfig,
@@ -226,3 +227,26 @@ def test_an_untouched_checkpoint_rewritten_the_same_way_still_loads_exactly(meth
     x = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         assert torch.equal(loaded(x), reference(x))
+
+
+@pytest.mark.parametrize("method", ["bnb_nf4", "bnb_int8", "hqq", "quanto_int4", "mlx_int4", "none"])
+def test_streamed_model_equals_quantize_model_flags_included(method, tmp_path):
+    """load_and_quantize gives what from_pretrained + quantize_model give: outputs and the
+    requires_grad of every parameter (biases, the fallback's float weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    qconfig = qw.QuantizationConfig(method=method, **({"bits": 4, "group_size": 32} if method == "hqq" else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streamed = qw.load_and_quantize(tmp_path / "hf", qconfig, backend="cpu", progress=False)
+        direct = qw.create_quantization_adapter("cpu", qconfig).quantize_model(
+            LlamaForCausalLM.from_pretrained(tmp_path / "hf"))
+    flags = lambda m: {n: p.requires_grad for n, p in m.named_parameters()}  # noqa: E731
+    assert flags(streamed) == flags(direct)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, direct(ids).logits)
