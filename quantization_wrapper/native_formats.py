@@ -234,9 +234,7 @@ def _fill(where: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
 def _finish(model: nn.Module, adapter, decisions: list, device: str | torch.device) -> nn.Module:
     from .surgery import record_plan
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*no linear layer was quantized.*")
-        record_plan(model, adapter, decisions)
+    record_plan(model, adapter, decisions, warn_if_unchanged=False)  # (catch_warnings is process-wide)
     device = torch.device(device)
     if device.type != "cpu":
         model.to(device)

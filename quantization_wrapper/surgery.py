@@ -369,9 +369,15 @@ def convert_layer(adapter: QuantizationAdapter, decision: LayerDecision, *, chec
     return new
 
 
-def record_plan(model: nn.Module, adapter: QuantizationAdapter, decisions: list[LayerDecision]) -> QuantizationPlan:
+def record_plan(model: nn.Module, adapter: QuantizationAdapter, decisions: list[LayerDecision], *,
+                warn_if_unchanged: bool = True) -> QuantizationPlan:
     """Build the plan from the decisions and the modules now installed, store it on ``model`` with
-    the config, and set the flags peft/transformers read (every library used)."""
+    the config, and set the flags peft/transformers read (every library used).
+
+    Args:
+        warn_if_unchanged: warn when no layer was converted (a loader whose checkpoint says so
+            passes False: nothing was asked of it).
+    """
     config = adapter.config
     plan = QuantizationPlan(method=config.method.value, config=config.to_dict())
     for d in decisions:
@@ -390,7 +396,7 @@ def record_plan(model: nn.Module, adapter: QuantizationAdapter, decisions: list[
         plan.layers.append(LayerPlan(d.name, linear.in_features, linear.out_features, linear.bias is not None,
                                      d.config.method.value, bits, d.config.group_size, before,
                                      target.module_nbytes(new), status, d.reason))
-    if not plan.converted:
+    if not plan.converted and warn_if_unchanged:
         warnings.warn(f"{type(adapter).__name__}: no linear layer was quantized "
                       f"({len(decisions)} found, all skipped); the model is unchanged", stacklevel=3)
     previous = get_quantization_plan(model)
