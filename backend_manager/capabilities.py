@@ -1,8 +1,9 @@
 """What a backend can do: memory, dtypes, distributed training, quantization methods.
 
 One small function per capability; :func:`get_capabilities` gathers them into a dataclass.
-Memory is in GB of 2**30 bytes. MPS and MLX share memory with the CPU (Apple unified memory),
-so their figures come from psutil.
+Memory is in GB of 2**30 bytes (``*_gb`` keys) and, under the design document's names
+(``total_memory``, ``used_memory``, ``available_memory``), in bytes. MPS and MLX share memory with
+the CPU (Apple unified memory), so their figures come from psutil.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "get_capabilities",
     "memory_info",
     "supports_bf16",
+    "supports_distributed",
     "supports_fp16",
     "supports_fsdp",
 ]
@@ -31,7 +33,11 @@ _GB = 1024**3
 
 @dataclass
 class BackendCapabilities:
-    """A snapshot of what one backend offers (memory figures are taken when it is built)."""
+    """A snapshot of what one backend offers (memory figures are taken when it is built).
+
+    ``supports_distributed`` (the design document's name) is derived from
+    ``distributed_backend``: True exactly when that is ``"nccl"`` or ``"gloo"``.
+    """
 
     backend: Backend
     device_name: str
@@ -45,10 +51,17 @@ class BackendCapabilities:
     quantization_methods: list[str] = field(default_factory=list)
     device_count: int = 1
 
+    @property
+    def supports_distributed(self) -> bool:
+        """True when a torch.distributed backend (``distributed_backend``) is usable here."""
+        return self.distributed_backend is not None
+
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-friendly dict (backend as its string, compute capability as a list)."""
+        """Return a JSON-friendly dict (backend as its string, compute capability as a list,
+        plus the derived ``supports_distributed``)."""
         data = asdict(self)
         data["backend"] = self.backend.value
+        data["supports_distributed"] = self.supports_distributed
         if self.compute_capability is not None:
             data["compute_capability"] = list(self.compute_capability)
         return data
@@ -62,7 +75,10 @@ def memory_info(backend: Backend, device_index: int = 0) -> dict[str, Any]:
         device_index: the CUDA device (ignored elsewhere).
 
     Returns:
-        ``{"total_gb", "available_gb", "used_gb", "percent_used", "device", "source"}``.
+        ``{"total_gb", "available_gb", "used_gb", "percent_used", "device", "source"}`` (floats
+        in GB of 2**30 bytes) and the same figures as int bytes under the design document's
+        names, ``"total_memory"``, ``"available_memory"``, ``"used_memory"``; in both units
+        used = total - available, all from one reading.
     """
     if backend is Backend.CUDA:
         import torch
@@ -75,6 +91,7 @@ def memory_info(backend: Backend, device_index: int = 0) -> dict[str, Any]:
         vm = psutil.virtual_memory()
         free, total = vm.available, vm.total
         device, source = ("mps" if backend in (Backend.MPS, Backend.MLX) else "cpu"), "psutil"
+    total, free = int(total), int(free)
     used = total - free
     return {
         "total_gb": total / _GB,
@@ -83,6 +100,9 @@ def memory_info(backend: Backend, device_index: int = 0) -> dict[str, Any]:
         "percent_used": 100.0 * used / total if total else 0.0,
         "device": device,
         "source": source,
+        "total_memory": total,
+        "available_memory": free,
+        "used_memory": used,
     }
 
 
@@ -145,6 +165,11 @@ def distributed_backend(backend: Backend) -> str | None:
     if backend is Backend.CUDA and dist.is_nccl_available():
         return "nccl"
     return "gloo" if dist.is_gloo_available() else None
+
+
+def supports_distributed(backend: Backend) -> bool:
+    """Return True when a torch.distributed backend is usable: nccl (CUDA) or gloo."""
+    return distributed_backend(backend) is not None
 
 
 def supports_fsdp(backend: Backend) -> bool:

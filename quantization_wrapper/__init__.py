@@ -15,6 +15,8 @@ Importing this package imports none of the optional quantization libraries; each
 its library when it is first used.
 """
 
+import sys
+
 from backend_manager import Backend, BackendManager
 
 from .adapters import (
@@ -198,3 +200,8 @@ __all__ += [
     "load_mlx_checkpoint",
     "load_hqq_checkpoint",
 ]
+
+if "transformers" in sys.modules:  # else QuantizationConfig.quant_method registers us when transformers asks
+    from .hf_quantizer import register_with_transformers  # noqa: E402
+
+    register_with_transformers()

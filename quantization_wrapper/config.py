@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable, Mapping
@@ -307,9 +308,23 @@ class QuantizationConfig:
         return bits_per_weight(self) / 8
 
     # ------------------------------------------------------------------ serialization
+    @property
+    def quant_method(self) -> str:
+        """The name transformers files this config under (``from_pretrained(quantization_config=...)``,
+        ``config.json``'s ``quantization_config``); see :mod:`quantization_wrapper.hf_quantizer`.
+        transformers reads it first, so reading it registers our quantizer with transformers (once,
+        and only when transformers is imported: this package never imports it on its own)."""
+        if "transformers" in sys.modules:
+            from .hf_quantizer import register_with_transformers
+
+            register_with_transformers()
+        return "quantization_wrapper"
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict (dtypes as strings) that :meth:`from_dict` turns back into this config."""
+        """A JSON-safe dict (dtypes as strings) that :meth:`from_dict` turns back into this config
+        (with ``quant_method``, the key transformers dispatches on)."""
         return {
+            "quant_method": self.quant_method,
             "method": self.method.value,
             "bits": self.bits,
             "group_size": self.group_size,
@@ -337,14 +352,17 @@ class QuantizationConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"QuantizationConfig.from_dict expects a dict, got {type(data).__name__}")
         known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known) - {"format_version"})
+        unknown = sorted(set(data) - set(known) - {"format_version", "quant_method"})
         if unknown:
             raise ValueError(f"unknown QuantizationConfig keys {unknown}; known keys: {', '.join(known)}")
+        if data.get("quant_method", "quantization_wrapper") != "quantization_wrapper":
+            raise ValueError(f"quant_method={data['quant_method']!r} is another library's config; this is "
+                             f"quantization-wrapper's (quant_method 'quantization_wrapper')")
         version = data.get("format_version", CONFIG_FORMAT_VERSION)
         if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
             raise ValueError(f"format_version={version!r} is newer than this quantization-wrapper "
                              f"understands ({CONFIG_FORMAT_VERSION}); upgrade the package")
-        return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k != "format_version"})
+        return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k not in ("format_version", "quant_method")})
 
     def to_json(self, **kwargs: Any) -> str:
         """:meth:`to_dict` as a JSON string."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -187,6 +188,28 @@ def test_memory_matches_psutil(monkeypatch, backend):
     assert info["used_gb"] == pytest.approx(info["total_gb"] - info["available_gb"])
     assert info["percent_used"] == pytest.approx(100 * info["used_gb"] / info["total_gb"])
     assert 0 < info["available_gb"] <= info["total_gb"]
+    # The design document's byte keys: ints, the same reading as the GB keys.
+    assert info["total_memory"] == vm.total
+    assert all(type(info[k]) is int for k in ("total_memory", "available_memory", "used_memory"))
+    for key in ("total", "available", "used"):
+        assert info[f"{key}_memory"] == round(info[f"{key}_gb"] * GB)
+    assert info["used_memory"] == info["total_memory"] - info["available_memory"]
+
+
+class _VM:
+    total = 16 * GB + 123
+    available = 5 * GB + 7
+
+
+def test_memory_bytes_and_gb_agree(monkeypatch):
+    fake_machine(monkeypatch, mps=True, system="Darwin", arch="arm64")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _VM)
+    info = BackendManager(backend="mps").get_memory_info()
+    assert (info["total_memory"], info["available_memory"], info["used_memory"]) == (
+        16 * GB + 123, 5 * GB + 7, 11 * GB + 116)
+    assert info["total_gb"] * 2**30 == info["total_memory"]  # exact: dividing by 2**30 is exact
+    assert info["available_gb"] * 2**30 == info["available_memory"]
+    assert info["used_gb"] * 2**30 == info["used_memory"]
 
 
 def test_cuda_memory_and_capabilities(monkeypatch):
@@ -198,6 +221,7 @@ def test_cuda_memory_and_capabilities(monkeypatch):
     assert manager.get_memory_info() == {
         "total_gb": 80.0, "available_gb": 30.0, "used_gb": 50.0, "percent_used": 62.5,
         "device": "cuda:1", "source": "torch.cuda.mem_get_info",
+        "total_memory": 80 * GB, "available_memory": 30 * GB, "used_memory": 50 * GB,
     }
     assert calls == [1]
     c = manager.capabilities
@@ -205,7 +229,7 @@ def test_cuda_memory_and_capabilities(monkeypatch):
         "backend": "cuda", "device_name": "NVIDIA Fake 1", "total_memory_gb": 80.0,
         "available_memory_gb": 30.0, "supports_bf16": True, "supports_fp16": True,
         "compute_capability": [8, 0], "distributed_backend": "nccl", "supports_fsdp": True,
-        "quantization_methods": ["none", "for-cuda"], "device_count": 2,
+        "quantization_methods": ["none", "for-cuda"], "device_count": 2, "supports_distributed": True,
     }
     assert manager.capabilities is c  # cached
     json.dumps(c.to_dict())
@@ -231,6 +255,10 @@ def test_distributed_backend(monkeypatch, machine, backend, nccl, dist_ok, expec
     assert manager.capabilities.distributed_backend == expected
     assert manager.capabilities.supports_fsdp is fsdp
     assert manager.capabilities.compute_capability == ((8, 0) if backend == "cuda" else None)
+    assert manager.capabilities.supports_distributed is (manager.get_distributed_backend() is not None)
+    assert manager.capabilities.supports_distributed is (expected is not None)
+    assert caps.supports_distributed(Backend(backend)) is (expected is not None)
+    assert manager.capabilities.to_dict()["supports_distributed"] is (expected is not None)
 
 
 def test_detection_is_cached(monkeypatch):
@@ -264,12 +292,93 @@ def test_import_is_light():
 
 
 def test_real_quantization_methods_from_quantization_wrapper():
-    try:
-        from quantization_wrapper.compatibility import usable_methods  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"quantization_wrapper.compatibility not importable yet: {e}")
+    # No skip on ImportError: capabilities.quantization_methods imports this, so failing to
+    # import it is the regression this test is for.
+    from quantization_wrapper.compatibility import usable_methods
+
     methods = BackendManager("cpu").capabilities.quantization_methods
+    assert methods == [str(getattr(m, "value", m)) for m in usable_methods("cpu")]
     assert "none" in methods and all(isinstance(m, str) for m in methods)
+
+
+# --- the design document's / SPEC's call shapes -------------------------------------------------
+
+
+def test_spec_call_shapes(monkeypatch):
+    fake_machine(monkeypatch, cuda=True)
+    bm = BackendManager(backend=None, verbose=False)
+    assert bm.backend is Backend.CUDA and bm.verbose is False
+    mem = bm.get_memory_info()
+    assert (mem["total_memory"], mem["used_memory"], mem["available_memory"]) == (80 * GB, 50 * GB, 30 * GB)
+    assert (mem["total_gb"], mem["available_gb"]) == (80.0, 30.0)
+    assert bm.capabilities.supports_distributed is True
+    assert bm.get_distributed_backend() == "nccl"
+    cpu = BackendManager(backend="cpu", verbose=False)
+    assert cpu.backend is Backend.CPU and cpu.get_memory_info()["total_memory"] == psutil.virtual_memory().total
+
+
+def test_seed_report_import_status_call_shape():
+    # The design document: ``print(report_import_status(backend='cuda'))``.
+    report = report_import_status(backend='cuda')
+    lines = report.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(LIBS)
+    assert all("usable on cuda: " in line for line in lines)
+
+
+@pytest.mark.parametrize("chosen, env, expected", [
+    ("cpu", None, "backend cpu (requested), device cpu"),
+    (None, None, "backend cuda (detected), device cuda:0"),
+    (None, "cpu", f"backend cpu (${BACKEND_ENV_VAR}=cpu), device cpu"),
+], ids=["requested", "detected", "env-override"])
+def test_verbose_logs_one_report(monkeypatch, caplog, chosen, env, expected):
+    fake_machine(monkeypatch, cuda=True)
+    if env:
+        monkeypatch.setenv(BACKEND_ENV_VAR, env)
+    caplog.set_level(logging.INFO, logger="backend_manager")
+    bm = BackendManager(backend=chosen, verbose=True)
+    records = [r for r in caplog.records if r.name == "backend_manager"]
+    assert len(records) == 1
+    assert records[0].levelno == logging.INFO  # pytest's handlers count as configured logging
+    message = records[0].getMessage()
+    assert message == bm.describe()
+    assert message.splitlines()[0] == f"backend_manager: {expected}"
+    c = bm.capabilities
+    assert f"{c.available_memory_gb:.1f} GB available of {c.total_memory_gb:.1f} GB" in message
+    assert f"distributed: {c.distributed_backend} (supports_distributed=True)" in message
+    assert f"quantization methods: none, for-{bm.backend.value}" in message
+    caplog.clear()
+    bm.get_memory_info(), bm.capabilities, bm.get_dtype()
+    assert not [r for r in caplog.records if r.name == "backend_manager"]  # once, at construction
+
+
+def test_not_verbose_logs_nothing(monkeypatch, caplog):
+    fake_machine(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="backend_manager")
+    BackendManager(backend="cpu")
+    BackendManager(backend="cpu", verbose=False)
+    assert [r for r in caplog.records if r.name == "backend_manager"] == []
+
+
+@pytest.mark.slow  # a fresh interpreter probes the real libraries (~10 s)
+def test_verbose_is_seen_without_logging_config_and_config_is_untouched():
+    code = """
+import logging, sys
+from backend_manager import BackendManager
+BackendManager(backend="cpu", verbose=True)
+sys.stderr.flush()
+root, ours = logging.getLogger(), logging.getLogger("backend_manager")
+print("STATE", root.handlers, root.level, ours.handlers, ours.level, ours.propagate)
+logging.basicConfig(level=logging.INFO, format="%(levelname)s|%(name)s|%(message)s")
+BackendManager(backend="cpu", verbose=True)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    err = out.stderr.splitlines()
+    # Unconfigured: Python's last-resort handler prints the bare message (a WARNING record).
+    assert err[0] == "backend_manager: backend cpu (requested), device cpu"
+    assert sum(line.startswith("  quantization methods: ") for line in err) == 2
+    # Configured at INFO: the same report as an INFO record on the backend_manager logger.
+    assert "INFO|backend_manager|backend_manager: backend cpu (requested), device cpu" in err
+    assert out.stdout.strip() == f"STATE [] {logging.WARNING} [] {logging.NOTSET} True"
 
 
 # --- library status, against the real installed libraries -------------------------------------

@@ -419,6 +419,10 @@ class QuantizationAdapter(ABC):
         """Set the attributes peft and transformers read on a quantized model."""
         model.is_quantized = True
         model.quantization_method = self.config.method.value
+        if "transformers" in sys.modules:  # transformers reads hf_quantizer next to is_quantized (Trainer)
+            from ..hf_quantizer import attach_hf_quantizer
+
+            attach_hf_quantizer(model, getattr(model, "quantization_config", None) or self.config)
         if "peft" in sys.modules:  # teach peft the LoRA layers it lacks (never imports peft itself)
             from ..peft_integration import install_peft_integration
 
