@@ -120,7 +120,7 @@ def _needs_peft_integration(layers: dict[str, nn.Module]) -> bool:
 
 
 # ---------------------------------------------------------------------- prepare
-def prepare_model_for_training(model: nn.Module, adapter: QuantizationAdapter, *,
+def prepare_model_for_training(model: nn.Module, adapter: QuantizationAdapter | None = None, *,
                                gradient_checkpointing: bool = True, use_reentrant: bool = False) -> nn.Module:
     """Freeze the base model and make it ready for LoRA adapters (in place).
 
@@ -139,7 +139,8 @@ def prepare_model_for_training(model: nn.Module, adapter: QuantizationAdapter, *
 
     Args:
         model: a model quantized by ``adapter`` (or loaded with ``load_quantized_model``).
-        adapter: the adapter that quantized it.
+        adapter: the adapter that quantized it; ``None``: the one for the model's
+            ``quantization_config`` (any model this package produced, ``from_pretrained`` included).
         gradient_checkpointing: enable activation checkpointing when the model supports it.
         use_reentrant: passed to ``torch.utils.checkpoint``.
 
@@ -148,6 +149,12 @@ def prepare_model_for_training(model: nn.Module, adapter: QuantizationAdapter, *
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if adapter is None:
+        config = getattr(model, "quantization_config", None)
+        if not isinstance(config, QuantizationConfig):
+            raise ValueError("model has no quantization_config of this package: quantize it (quantize_model, "
+                             "from_pretrained(quantization_config=QuantizationConfig(...))) or pass the adapter")
+        adapter = get_adapter_class(config.method)(config)
     for param in model.parameters():
         param.requires_grad_(False)
 

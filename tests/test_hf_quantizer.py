@@ -126,3 +126,16 @@ def test_registration_needs_no_eager_transformers_import():
             "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; "
             "assert 'quantization_wrapper' not in M; c.quant_method; assert 'quantization_wrapper' in M")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_prepare_model_for_training_finds_the_adapter_itself(checkpoint):
+    from peft import LoraConfig, get_peft_model
+
+    config = qw.QuantizationConfig(method="hqq", bits=4, group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
+    model = get_peft_model(qw.prepare_model_for_training(model), LoraConfig(r=4, target_modules="all-linear"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len({n.split(".lora_")[0] for n in trainable}) == 14  # every quantized linear layer
+    with pytest.raises(ValueError, match="no quantization_config"):
+        qw.prepare_model_for_training(LlamaForCausalLM(LlamaConfig(**CFG)))
