@@ -22,6 +22,7 @@ import functools
 import logging
 import sys
 import threading
+import warnings
 from typing import Any
 
 from torch import nn
@@ -166,9 +167,11 @@ def hf_classes() -> tuple[type, type]:
             return False
 
         def is_serializable(self, safe_serialization: bool = True) -> bool:
-            logger.warning("quantization-wrapper models are saved with quantization_wrapper.save_quantized_model"
-                           "(model, path) (reloaded with load_quantized_model); save_pretrained cannot write them. "
-                           "A LoRA adapter on top saves as usual (PeftModel.save_pretrained, Trainer.save_model)")
+            # transformers asks this right before it refuses save_pretrained ("check out the warnings")
+            warnings.warn("quantization-wrapper models are saved with quantization_wrapper.save_quantized_model"
+                          "(model, path) (reloaded with load_quantized_model); save_pretrained cannot write them. "
+                          "A LoRA adapter on top saves as usual (PeftModel.save_pretrained, Trainer.save_model)",
+                          stacklevel=2)
             return False
 
     return QuantizationWrapperHfConfig, QuantizationWrapperHfQuantizer
