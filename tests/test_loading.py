@@ -127,10 +127,43 @@ def test_config_that_does_not_match_the_tensors(checkpoint, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="architecture needs.*model.layers.2"):
         load_and_quantize(path, qw.QuantizationConfig(method="hqq"), progress=False)
+    # Tensors the architecture has no place for: skipped with a warning naming them, as from_pretrained
+    # skips them (it logs them); the model equals from_pretrained's.
     config["num_hidden_layers"] = 1
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="model.layers.1.*are not in the architecture"):
-        load_and_quantize(path, qw.QuantizationConfig(method="hqq"), progress=False)
+    hqq = qw.QuantizationConfig(method="hqq", group_size=32)
+    with pytest.warns(UserWarning, match=r"no place for.*'model.layers.1.input_layernorm.weight'"):
+        got = load_and_quantize(path, hqq, dtype="bfloat16", progress=False)
+    ref = reference(path, hqq)
+    assert len(ref.model.layers) == len(got.model.layers) == 1
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, got(ids).logits)
+
+
+def test_weight_and_bias_in_different_shards(tmp_path):
+    """A layer is quantized when both its tensors have arrived, each read from its own shard (here
+    every bias lies in a later shard than its weight)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**CFG, attention_bias=True)).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if not k.endswith(".bias")},
+              "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if k.endswith(".bias")}}
+    for name, part in shards.items():
+        save_file(part, tmp_path / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    hqq = qw.QuantizationConfig(method="hqq", group_size=32)
+    got = load_and_quantize(tmp_path, hqq, dtype="bfloat16", progress=False)
+    ref = reference(tmp_path, hqq)
+    assert got.quantization_plan["model.layers.0.self_attn.q_proj"].status == "quantized"
+    assert got.model.layers[0].self_attn.q_proj.bias is not None
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, got(ids).logits)
 
 
 def test_truncated_shard_named(checkpoint, tmp_path):

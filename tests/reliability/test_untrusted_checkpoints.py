@@ -211,14 +211,12 @@ def test_unknown_buffer_tensor_is_refused(copy):
 
 
 def test_buffer_with_wrong_shape_or_dtype_is_refused(copy):
+    """Older checkpoints store buffers as ``__buffer__.*`` entries; they are still read, and checked."""
     key = "__buffer__.model.rotary_emb.inv_freq"
-    original = load_file(copy / "model.safetensors")
-    if key not in original:
-        pytest.skip("this checkpoint stores no rotary buffer")
     rewrite(copy, lambda t: t.__setitem__(key, torch.zeros(3)))
     with pytest.raises(CheckpointError, match="inv_freq.*shape"):
         qw.load_quantized_model(copy, verify=False)
-    rewrite(copy, lambda t: t.__setitem__(key, original[key].to(torch.int32)))
+    rewrite(copy, lambda t: t.__setitem__(key, torch.zeros(8, dtype=torch.int32)))
     with pytest.raises(CheckpointError, match="inv_freq.*int32"):
         qw.load_quantized_model(copy, verify=False)
 
