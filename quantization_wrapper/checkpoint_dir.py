@@ -62,7 +62,7 @@ DESCRIPTION_NAME = "quantization_config.json"
 #: Names this package writes into a checkpoint directory.
 WRITTEN_NAME_PATTERN = re.compile(
     r"^(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|config\.json|"
-    r"quantization_map\.json|" + re.escape(DESCRIPTION_NAME) + r")$")
+    r"quantization_map\.json|non_persistent_buffers\.safetensors|" + re.escape(DESCRIPTION_NAME) + r")$")
 _STAGING = ".qw-staging-"
 _OLD = ".qw-old-"
 _LOCK_NAME = ".qw-save.lock"

@@ -222,10 +222,10 @@ def _fill(where: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
                  if t.device.type == "meta"]
     computed = [n for n in leftovers if n not in current]  # non-persistent buffers (rotary tables)
     if computed:
-        raise _error(f"{where}: buffers {computed[:10]} are on the meta device; native checkpoints do not hold "
-                     f"buffers the model computes itself. Pass model_config as a config, a config.json dict or a "
-                     f"callable that builds a transformers model (its buffers are then computed), not a "
-                     f"module built on meta")
+        raise _error(f"{where}: buffers {computed[:10]} are on the meta device and the model's _init_weights "
+                     f"does not compute them; native checkpoints do not hold buffers the model computes itself. "
+                     f"Pass model_config as a module built with real buffers (accelerate's "
+                     f"init_empty_weights(include_buffers=False)), or as a config or callable whose model computes them")
     if leftovers:
         raise _error(f"{where}: the checkpoint lacks tensors the architecture needs: "
                      f"{leftovers[:10]}{' ...' if len(leftovers) > 10 else ''}")

@@ -6,6 +6,11 @@ Layout of a checkpoint directory::
     quantization_config.json           format version, QuantizationConfig, per-layer plan, library
                                        versions, tied tensors, sha256 + size of every file
     config.json                        the transformers config, when the model has one
+    quantization_map.json              optimum-quanto layers: what ``optimum.quanto.requantize`` reads
+    non_persistent_buffers.safetensors buffers loading would not rebuild (``__buffer__.<name>``), if any
+
+Tensor names are transformers' (tied weights saved once, under the name ``save_pretrained`` keeps),
+so the peers' own loaders read the weights too (see :func:`_interop`).
 
 Loading builds the model skeleton on the meta device, replaces each planned layer with an empty
 quantized layer (``create_quantized_linear(device="meta")``) and fills everything with
@@ -221,13 +226,43 @@ def _layer_config(config: QuantizationConfig, layer: dict) -> QuantizationConfig
 # ------------------------------------------------------------------------------------------- save
 def _hf_config_dict(model: nn.Module) -> dict[str, Any]:
     """The transformers config as a dict, naming the model class so loading rebuilds the same head,
-    with the peers' quantization entries (see :func:`_interop`)."""
+    with the peers' quantization entries (see :func:`_interop`).
+
+    ``tie_word_embeddings`` is written ``False`` when the model no longer ties its output embedding
+    to its input embedding (one of them quantized): peers that tie by the config (mlx-lm drops
+    ``lm_head``, quanto's ``QuantizedModelForCausalLM`` calls ``tie_weights``) would otherwise
+    discard the saved output layer. optimum-quanto's own ``save_pretrained`` does the same."""
     data = model.config.to_dict()
     data.pop("quantization_config", None)
     if type(model).__module__.startswith("transformers."):
         data["architectures"] = [type(model).__name__]
+    if _untied_embeddings(model):
+        for section in (data, data.get("text_config")):
+            if isinstance(section, dict) and section.get("tie_word_embeddings"):
+                section["tie_word_embeddings"] = False
     data.update(_interop(model)[0])
     return data
+
+
+def _untied_embeddings(model: nn.Module) -> bool:
+    """The config ties the word embeddings but the model's output embedding does not share the input
+    embedding's weight (it was quantized, or replaced)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        get_text_config = getattr(config, "get_text_config", None)
+        if not callable(get_text_config) or not getattr(get_text_config(), "tie_word_embeddings", False):
+            return False
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    if inputs is None or outputs is None:
+        return False
+    a, b = getattr(inputs, "weight", None), getattr(outputs, "weight", None)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return True
+    return a is not b and (a.untyped_storage().data_ptr(), a.storage_offset(), a.shape, a.dtype) != \
+        (b.untyped_storage().data_ptr(), b.storage_offset(), b.shape, b.dtype)
 
 
 def _interop(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -306,8 +341,47 @@ def _state_outside(model: nn.Module, owned: set[str]) -> dict[str, torch.Tensor]
     return out
 
 
-def _collect_tensors(model: nn.Module, plan: QuantizationPlan, config: QuantizationConfig) -> tuple[dict, dict]:
-    """All tensors to save (quantized layers through their adapter) and the tied-tensor aliases."""
+#: Non-persistent buffers a skeleton would not rebuild as the model holds them are saved under this
+#: prefix (``__buffer__.model.rotary_emb.inv_freq``) in :data:`BUFFERS_NAME`, a file no peer reads:
+#: mlx-lm loads ``model*.safetensors`` strictly and transformers the files its index names.
+BUFFER_PREFIX = "__buffer__."
+BUFFERS_NAME = "non_persistent_buffers.safetensors"
+
+
+def _rebuilt_buffers(saved_config: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The buffers a skeleton built from ``saved_config`` computes itself, as loading builds it
+    (``{}`` when there is no config or transformers cannot build it: every buffer is then saved)."""
+    if saved_config is None:
+        return {}
+    try:
+        skeleton = build_skeleton(None, saved_config, where="the model's config")
+    except Exception as e:  # any failure only means saving every buffer, which is always right
+        logger.debug("saving every non-persistent buffer: the config does not rebuild the model (%s)", e)
+        return {}
+    return {name: b for name, b in skeleton.named_buffers() if b.device.type != "meta"}
+
+
+def _tied_copy_patterns(model: nn.Module) -> list[str]:
+    """Patterns of the names ``save_pretrained`` drops as tied copies: the keys (v5) or items (v4) of
+    every submodule's ``_tied_weights_keys``, prefixed with the submodule's name."""
+    patterns = []
+    for prefix, module in model.named_modules():
+        tied = getattr(module, "_tied_weights_keys", None) or ()
+        if isinstance(tied, (dict, list, tuple, set)):
+            patterns += [f"{prefix}.{k}" if prefix else k for k in tied if isinstance(k, str)]
+    return patterns
+
+
+def _collect_tensors(model: nn.Module, plan: QuantizationPlan, config: QuantizationConfig,
+                     saved_config: dict[str, Any] | None = None) -> tuple[dict, dict]:
+    """All tensors to save (quantized layers through their adapter) and the tied-tensor aliases.
+
+    Non-persistent buffers go under :data:`BUFFER_PREFIX` only when a skeleton built from
+    ``saved_config`` (the config.json being written) does not compute them with the same values
+    (a model without config, a buffer cast to another dtype): loading would not rebuild them.
+    Of tied tensors the one ``save_pretrained`` keeps is saved (``model.embed_tokens.weight``, not
+    ``lm_head.weight``) and the others are recorded as its aliases.
+    """
     tensors: dict[str, torch.Tensor] = {}
     owned: set[str] = set()
     adapters: dict = {}
@@ -320,24 +394,29 @@ def _collect_tensors(model: nn.Module, plan: QuantizationPlan, config: Quantizat
             tensors[f"{layer.name}.{key}"] = value
         owned.add(layer.name)
     tensors.update(_state_outside(model, owned))
-    # Non-persistent buffers (rotary inv_freq, position ids) are rebuilt from code by the model
-    # constructor, which we avoid on load (it would run on meta); save them too.
-    for name, buf in model.named_buffers():
-        if name not in tensors and not any(name.startswith(o + ".") for o in owned):
-            tensors[f"__buffer__.{name}"] = buf
+    rebuilt = _rebuilt_buffers(saved_config)
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        if name in tensors or any(name.startswith(o + ".") for o in owned):
+            continue
+        ref = rebuilt.get(name)
+        if ref is None or ref.dtype != buf.dtype or ref.shape != buf.shape or not torch.equal(ref, buf.detach().cpu()):
+            tensors[BUFFER_PREFIX + name] = buf
     # Tied weights: safetensors refuses shared storage; keep one copy, record the aliases.
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
+    copies = _tied_copy_patterns(model)
+    groups: dict[tuple, list[str]] = {}
     for name in sorted(tensors):
         t = tensors[name]
         if t.device.type == "meta":
             raise CheckpointError(f"tensor {name!r} is on the meta device; load or quantize real weights "
                                   f"before saving")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            tied[name] = seen[key]
-        else:
-            seen[key] = name
+        if t.numel():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            groups.setdefault(key, []).append(name)
+    tied: dict[str, str] = {}
+    for names in groups.values():
+        if len(names) > 1:
+            kept = min(names, key=lambda n: (any(re.search(p, n) for p in copies), n))
+            tied.update({n: kept for n in names if n != kept})
     for name in tied:
         del tensors[name]
     out = {}
@@ -413,7 +492,9 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
         raise ValueError(f"single_file=True needs a path ending in .safetensors, got {str(path)!r}")
     max_bytes = parse_size(max_shard_size)
     check_save_target(path, overwrite=overwrite, model=model, single_file=single_file)
-    tensors, tied = _collect_tensors(model, plan, config)
+    hf_config = getattr(model, "config", None)
+    saved_config = _hf_config_dict(model) if hf_config is not None and hasattr(hf_config, "to_dict") else None
+    tensors, tied = _collect_tensors(model, plan, config, saved_config)
     description = {
         "format": "quantization-wrapper",
         "format_version": FORMAT_VERSION,
@@ -423,12 +504,11 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
         "tied": tied,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
     }
-    hf_config = getattr(model, "config", None)
 
     try:
         if single_file:
-            if hf_config is not None and hasattr(hf_config, "to_dict"):
-                description["config"] = _hf_config_dict(model)
+            if saved_config is not None:
+                description["config"] = saved_config
             description["tensor_crc32"] = {name: _tensor_crc32(t) for name, t in tensors.items()}
             with StagedFile(path) as staged:
                 save_file(tensors, staged.path, metadata={"quantization_wrapper": json.dumps(description, default=str)})
@@ -439,6 +519,9 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
 
         with StagedDirectory(path, overwrite=overwrite) as stage:
             staging = stage.path
+            buffers = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(BUFFER_PREFIX)]}
+            if buffers:
+                save_file(buffers, staging / BUFFERS_NAME, metadata={"format": "pt"})
             shards = _shards(tensors, max_bytes)
             files: dict[str, dict[str, Any]] = {}
             weight_map: dict[str, str] = {}
@@ -450,8 +533,8 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
                 total = sum(t.numel() * t.element_size() for t in tensors.values())
                 (staging / INDEX_NAME).write_text(json.dumps(
                     {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-            if hf_config is not None and hasattr(hf_config, "to_dict"):
-                (staging / "config.json").write_text(json.dumps(_hf_config_dict(model), indent=2, default=str))
+            if saved_config is not None:
+                (staging / "config.json").write_text(json.dumps(saved_config, indent=2, default=str))
             for name, content in _interop(model)[1].items():
                 (staging / name).write_text(json.dumps(content, indent=2))
             for name in sorted(stage.written()):
@@ -915,10 +998,10 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
 
         rest: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
-        known_buffers = dict(model.named_buffers())
+        known_buffers = dict(model.named_buffers(remove_duplicate=False))
         for key in list(handles):
-            if key.startswith("__buffer__."):
-                name = key[len("__buffer__."):]
+            if key.startswith(BUFFER_PREFIX):
+                name = key[len(BUFFER_PREFIX):]
                 if name not in known_buffers:
                     raise CheckpointError(f"{path}: tensor {key!r} names a buffer the architecture does not have")
                 buffers[name] = take(key)
@@ -936,11 +1019,21 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                 for item, future in zip(deferred, futures):
                     fill(*item, filled=future.result())
         del deferred
-    for alias, source in info.get("tied", {}).items():
-        if alias.startswith("__buffer__."):
-            continue
-        if source in rest:
-            rest[alias] = rest[source]
+    # Tied tensors are saved once (this version keeps the name save_pretrained keeps; earlier ones
+    # kept the alphabetically first, e.g. lm_head.weight); the description names the other copies.
+    tied = info.get("tied", {})
+    for alias, source in tied.items():
+        value = buffers.get(source[len(BUFFER_PREFIX):]) if source.startswith(BUFFER_PREFIX) else rest.get(source)
+        if value is None:
+            continue  # the checks below name what the architecture lacks
+        if alias.startswith(BUFFER_PREFIX):
+            name = alias[len(BUFFER_PREFIX):]
+            if name not in known_buffers:
+                raise CheckpointError(f"{path}: tied entry {alias!r} names a buffer the architecture does not have")
+            _check_like(path, alias, value, known_buffers[name], exact_dtype=True)
+            buffers[name] = value
+        else:
+            rest[alias] = value
 
     expected = {k for k, v in skeleton.items() if v.device.type == "meta"}
     missing = sorted(expected - set(rest))
@@ -959,7 +1052,16 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
         module = model.get_submodule(module_name) if module_name else model
         persistent = attr not in getattr(module, "_non_persistent_buffers_set", set())
         module.register_buffer(attr, value, persistent=persistent)
-    if hasattr(model, "tie_weights") and info.get("tied"):
+    for alias, source in tied.items():  # one parameter again, not two sharing memory
+        module_name, _, attr = alias.rpartition(".")
+        try:
+            param = model.get_parameter(source)
+            module = model.get_submodule(module_name) if module_name else model
+        except AttributeError:
+            continue
+        if attr in module._parameters:
+            module._parameters[attr] = param
+    if hasattr(model, "tie_weights") and tied:
         model.tie_weights()
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftovers:

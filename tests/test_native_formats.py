@@ -372,10 +372,14 @@ def test_hqq_weights_file_with_model_config(hqq_checkpoint):
     with init_empty_weights(include_buffers=False):  # parameters on meta, rotary tables real
         skeleton = LlamaForCausalLM(LlamaConfig(**CFG))
     assert torch.equal(logits(qw.load_quantized_model(path, skeleton)), logits(peer))
-    with torch.device("meta"):
+    with torch.device("meta"):  # buffers on meta too: computed as from_pretrained computes them
         all_meta = LlamaForCausalLM(LlamaConfig(**CFG))
+    assert torch.equal(logits(qw.load_quantized_model(path, all_meta)), logits(peer))
+    with torch.device("meta"):
+        uncomputable = LlamaForCausalLM(LlamaConfig(**CFG))
+    uncomputable.model._init_weights = lambda module: None  # a model that cannot rebuild its rotary tables
     with pytest.raises(CheckpointError, match=r"buffers \['model.rotary_emb.inv_freq'.* are on the meta device"):
-        qw.load_quantized_model(path, all_meta)
+        qw.load_quantized_model(path, uncomputable)
 
 
 @pytest.mark.parametrize("nbits, group_size, axis, encoded", [(3, 32, 1, True), (4, 64, 0, False)],

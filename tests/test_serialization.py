@@ -374,3 +374,173 @@ def test_full_verification_checks_the_sha256_too(saved):
     assert verify_checkpoint(path)["model.safetensors"] == "ok"
     with pytest.raises(ChecksumError, match="sha256 mismatch"):
         verify_checkpoint(path, full=True)
+
+
+# ------------------------------------------------------------------- tied weights and buffers
+def tied_quantized(config_kwargs, seed=0):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**CFG, tie_word_embeddings=True)).eval()
+    adapter = qw.create_quantization_adapter("cpu", qw.QuantizationConfig(**config_kwargs), strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter.quantize_model(model)
+    return model
+
+
+def stored(path):
+    """Every tensor name in the checkpoint's safetensors files."""
+    from safetensors import safe_open
+
+    names = set()
+    for file in [path] if path.is_file() else path.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+@pytest.mark.parametrize("name", ["mlx4", "hqq4", "bnb_nf4", "quanto_int8"])
+@pytest.mark.parametrize("single_file", [False, True], ids=["directory", "single-file"])
+def test_tied_embeddings_saved_as_transformers_saves_them(name, single_file, tmp_path):
+    model = tied_quantized(CONFIGS[name])
+    assert model.quantization_plan["lm_head"].status == "skipped"  # skip_modules' default keeps the tie
+    path = save_quantized_model(model, tmp_path / ("model.safetensors" if single_file else "ckpt"),
+                                single_file=single_file)
+    names = stored(path)
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert read_checkpoint_info(path)["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = load_quantized_model(path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_quantized_output_embedding_is_saved_untied(tmp_path):
+    """Quantizing lm_head of a tied model (skip_modules=[]) gives it its own weights: the config.json
+    says tie_word_embeddings=False, so no loader ties the float embedding over it."""
+    model = tied_quantized(dict(method="mlx_int4", group_size=32, skip_modules=[]))
+    assert model.quantization_plan["lm_head"].status == "quantized"
+    assert model.config.tie_word_embeddings is True  # the model is not changed by saving
+    path = save_quantized_model(model, tmp_path / "ckpt")
+    assert model.config.tie_word_embeddings is True
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is False
+    assert read_checkpoint_info(path)["tied"] == {}
+    assert {"model.embed_tokens.weight", "lm_head.scales"} <= stored(path)
+    loaded = load_quantized_model(path)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_buffers_the_model_computes_are_not_saved(tmp_path):
+    model, _ = quantized(CONFIGS["mlx4"])
+    path = save_quantized_model(model, tmp_path / "ckpt")
+    assert not any(n.startswith("__buffer__.") for n in stored(path))
+    assert not (path / "non_persistent_buffers.safetensors").exists()
+    loaded = load_quantized_model(path)
+    for name, buffer in model.named_buffers():
+        if "rotary" in name:
+            assert torch.equal(loaded.get_buffer(name), buffer), name
+
+
+def test_buffers_that_differ_from_the_computed_ones_are_saved_apart(tmp_path):
+    """A model cast to bfloat16 holds bfloat16 rotary tables, which its config would rebuild in
+    float32: they are saved, in a file of their own that the peers' loaders do not read."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG)).eval().to(torch.bfloat16)
+    qw.create_quantization_adapter("cpu", qw.QuantizationConfig(method="mlx_int4", group_size=32)).quantize_model(model)
+    path = save_quantized_model(model, tmp_path / "ckpt")
+    extra = load_file(path / "non_persistent_buffers.safetensors")
+    assert sorted(extra) == ["__buffer__.model.rotary_emb.inv_freq", "__buffer__.model.rotary_emb.original_inv_freq"]
+    assert extra["__buffer__.model.rotary_emb.inv_freq"].dtype == torch.bfloat16
+    assert not any(n.startswith("__buffer__.") for n in load_file(path / "model.safetensors"))
+    assert "non_persistent_buffers.safetensors" in read_checkpoint_info(path)["files"]
+    loaded = load_quantized_model(path)
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    assert torch.equal(logits(loaded), logits(model))
+
+
+class _Scaled(nn.Module):
+    """Not a transformers model: nothing rebuilds its non-persistent buffers, which share memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        table = torch.linspace(0.5, 1.5, 64)
+        self.register_buffer("scale", table, persistent=False)
+        self.register_buffer("same_scale", table, persistent=False)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale + self.same_scale
+
+
+def test_buffers_of_other_models_are_saved_and_restored(tmp_path):
+    torch.manual_seed(0)
+    model = _Scaled()
+    qw.create_quantization_adapter("cpu", qw.QuantizationConfig(method="hqq", group_size=32,
+                                                                skip_modules=[])).quantize_model(model)
+    path = save_quantized_model(model, tmp_path / "ckpt")
+    assert read_checkpoint_info(path)["tied"] == {"__buffer__.scale": "__buffer__.same_scale"}
+    assert "__buffer__.same_scale" in stored(path) and "__buffer__.scale" not in stored(path)
+    loaded = load_quantized_model(path, _Scaled)  # built under meta: its buffers come from the file
+    x = torch.randn(3, 64)
+    assert torch.equal(loaded.scale, model.scale) and torch.equal(loaded.same_scale, model.scale)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def _rewrite_in_old_layout(path, model):
+    """Rewrite a checkpoint as versions up to e4b0e21 wrote it (compared against one that version
+    wrote): every non-persistent buffer inline in model.safetensors as ``__buffer__.<name>``, and of
+    tied tensors the alphabetically first name kept (``lm_head.weight``), the others as aliases."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    info = json.loads((path / "quantization_config.json").read_text())
+    for name, buffer in model.named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        if attr in model.get_submodule(module_name)._non_persistent_buffers_set:
+            tensors["__buffer__." + name] = buffer.clone()
+    tied = {}
+    for alias, source in info["tied"].items():
+        kept = min(alias, source)
+        tensors[kept] = tensors.pop(source)
+        tied[max(alias, source)] = kept
+    info["tied"] = tied
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    data = (path / "model.safetensors").read_bytes()
+    info["files"]["model.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (path / "quantization_config.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_checkpoints_in_the_old_layout_still_load(tied, tmp_path):
+    model = tied_quantized(CONFIGS["mlx4"]) if tied else quantized(CONFIGS["mlx4"])[0]
+    path = save_quantized_model(model, tmp_path / "ckpt")
+    _rewrite_in_old_layout(path, model)
+    names = stored(path)
+    assert "__buffer__.model.rotary_emb.inv_freq" in names
+    assert ("model.embed_tokens.weight" in names) is not tied and "lm_head.weight" in names
+    loaded = load_quantized_model(path)  # checksums verified
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) is tied
+    assert torch.equal(logits(loaded), logits(model))
+    again = save_quantized_model(loaded, tmp_path / "again")  # saved anew in the current layout
+    assert not any(n.startswith("__buffer__.") for n in stored(again))
+    assert ("lm_head.weight" in stored(again)) is not tied
+
+
+def test_old_layout_buffers_are_checked(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = quantized(CONFIGS["mlx4"])
+    path = save_quantized_model(model, tmp_path / "ckpt")
+    _rewrite_in_old_layout(path, model)
+    tensors = load_file(path / "model.safetensors")
+    for key, value, error in [("__buffer__.model.rotary_emb.inv_freq", torch.zeros(3), "inv_freq.*shape"),
+                              ("__buffer__.model.rotary_emb.inv_freq", torch.zeros(8, dtype=torch.int32), "inv_freq.*int32"),
+                              ("__buffer__.model.evil", torch.zeros(3), "evil.*buffer the architecture does not have")]:
+        save_file({**tensors, key: value}, path / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=error):
+            load_quantized_model(path, verify=False)
