@@ -333,8 +333,25 @@ def plan_linear_layers(model: nn.Module, adapter: QuantizationAdapter, skip_modu
     if module_filter is not None:
         module_filter.validate()
     _warn_unmatched(skip, skip_hits, config, override_hits, overruled)
+    _warn_untied(model, decisions)
     check_finite_weights(decisions)
     return decisions
+
+
+def _warn_untied(model: nn.Module, decisions: list[LayerDecision]) -> None:
+    """Quantizing one side of tied weights (a tied ``lm_head``) unties them: say so."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for d in decisions:
+        if d.config is None:
+            continue
+        others = [n for n in owners.get(id(d.linear.weight), []) if n != f"{d.name}.weight"]
+        if others:
+            warnings.warn(f"{d.name}.weight is tied to {others[0]}; quantizing {d.name} unties them: {others[0]} stays "
+                          f"in full precision beside it ({d.linear.weight.numel() * d.linear.weight.element_size() / 2**20:.1f} MiB) "
+                          f"and saved checkpoints record tie_word_embeddings=false. Add {d.name!r} to skip_modules to "
+                          f"keep the tie", stacklevel=3)
 
 
 def convert_layer(adapter: QuantizationAdapter, decision: LayerDecision, *, check_finite: bool = True) -> nn.Module:

@@ -208,3 +208,24 @@ def test_tensor_nbytes_counts_views_once_and_not_their_whole_storage():
     assert tensor_nbytes([a, b]) == 300 * 4  # not 2 x 4000
     assert tensor_nbytes([a, a.view(10, 10), b]) == 300 * 4  # a tied alias counts once
     assert tensor_nbytes([torch.empty(7, 3, dtype=torch.bfloat16, device="meta"), None]) == 42
+
+
+def test_quantizing_a_tied_lm_head_says_it_unties():
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantization_wrapper import QuantizationConfig, create_quantization_adapter
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    adapter = create_quantization_adapter("cpu", QuantizationConfig(method="hqq", bits=4, group_size=32,
+                                                                    skip_modules=[]))
+    with pytest.warns(UserWarning, match=r"lm_head.weight is tied to model.embed_tokens.weight; quantizing lm_head unties"):
+        adapter.quantize_model(model)
+    kept = create_quantization_adapter("cpu", QuantizationConfig(method="hqq", bits=4, group_size=32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        kept.quantize_model(LlamaForCausalLM(model.config))  # lm_head skipped by default: no warning
