@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .adapters.base import ADAPTER_REGISTRY, QuantizationAdapter, get_adapter_class, is_quantized_module
+from .adapters.base import ADAPTER_REGISTRY, QuantizationAdapter, autocast_dtype, get_adapter_class, is_quantized_module
 from .adapters.fallback import FloatLinear
 from .config import QuantizationConfig
 from .surgery import get_quantization_plan
@@ -77,14 +77,16 @@ def _cast_input_hooks(module: nn.Module, dtype: torch.dtype) -> None:
 
     HQQ and quanto layers multiply the input as given and fail on float32 activations with half
     weights (``expected m1 and m2 to have the same dtype``); bitsandbytes and MLX layers cast
-    themselves, for which these hooks change nothing.
+    themselves, for which these hooks change nothing. Under ``torch.autocast`` they stand aside:
+    every layer then casts its input and returns the autocast dtype itself, as ``nn.Linear`` does.
     """
     if getattr(module, "_qw_input_dtype_hooks", None) is not None:
         return
 
     def before(mod, args, kwargs):
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == dtype:
+        if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == dtype
+                or autocast_dtype(x) is not None):
             mod._qw_caller_dtype = None
             return None
         mod._qw_caller_dtype = x.dtype

@@ -35,6 +35,7 @@ __all__ = [
     "LayerStateSpec",
     "check_state_spec",
     "common_dtype",
+    "autocast_dtype",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,16 @@ def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
         seen.add(key)
         total += nbytes
     return total
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs ``nn.Linear`` in for ``x``'s device; ``None`` when autocast
+    is off there (or the device has none, like ``meta``). Quantized layers compute in it and return
+    it under autocast, as ``nn.Linear`` does."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def is_quantized_module(module: nn.Module) -> bool:

@@ -20,6 +20,10 @@ Choices worth knowing:
   ``AssertionError`` unless ``out_features`` is a multiple of 32. The adapter switches that path off
   per layer (``support_avx512bf16_for_cpu = False``) so a layer computes the same thing in train and
   eval mode, and save/load round trips are exact.
+* **Autocast.** Under ``torch.autocast`` a layer computes in, and returns, the autocast dtype, as
+  ``nn.Linear`` does (bitsandbytes' own forward returns the input's dtype, and its INT8 forward
+  would cast the bias in place to whatever dtype the input has); outside autocast the layers run
+  bitsandbytes' forward unchanged.
 * **Serialization** uses transformers' bitsandbytes key names (``weight``, ``weight.absmax``,
   ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
   ``weight.quant_state.bitsandbytes__nf4``; INT8: ``weight``, ``SCB``, ``weight_format``), produced
@@ -45,7 +49,7 @@ from torch import nn
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
 from ..errors import CheckpointError
-from .base import LayerStateSpec, QuantizationAdapter, register_adapter, tensor_nbytes
+from .base import LayerStateSpec, QuantizationAdapter, autocast_dtype, register_adapter, tensor_nbytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from backend_manager import Backend
@@ -153,6 +157,54 @@ def _bnb():
     # say it once per process instead of flooding training logs.
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once("inputs will be cast"))
     return bitsandbytes
+
+
+@functools.cache
+def _layer_classes() -> tuple[type, type]:
+    """bitsandbytes' ``Linear4bit`` and ``Linear8bitLt`` (subclasses of the same names, so every
+    ``isinstance`` check, peft's included, holds) whose forward under ``torch.autocast`` computes in,
+    and returns, the autocast dtype, as ``nn.Linear`` does. Outside autocast: bitsandbytes' forward."""
+    bnb = _bnb()
+
+    class Linear4bit(bnb.nn.Linear4bit):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            dtype = autocast_dtype(x)
+            if dtype is None:
+                return super().forward(x)
+            # bitsandbytes' forward would compute in the compute dtype and return the input's dtype
+            bnb.nn.modules.fix_4bit_weight_quant_state_from_module(self)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = bnb.matmul_4bit(x.to(dtype), self.weight, quant_state=self.weight.quant_state)
+                # the bias is added outside: bitsandbytes' backward sums its gradient over dim 0 only
+                return out if self.bias is None else out + self.bias.to(dtype)
+
+    class Linear8bitLt(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            dtype = autocast_dtype(x)
+            if dtype is None:
+                return super().forward(x)
+            # bitsandbytes' forward, except that it casts the bias to the input's dtype in place:
+            # under autocast the inputs come in several dtypes, and the bias would be rounded for good.
+            self.state.is_training = self.training
+            if self.weight.CB is not None:
+                self.init_8bit_state()
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = bnb.matmul(x.to(dtype), self.weight, state=self.state)
+                if not self.state.has_fp16_weights and self.state.CB is not None:
+                    self.weight.data = self.state.CB
+                return out if self.bias is None else out + self.bias.to(dtype)
+
+    for cls in (Linear4bit, Linear8bitLt):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return Linear4bit, Linear8bitLt
+
+
+def __getattr__(name: str) -> Any:
+    # ``Linear4bit``/``Linear8bitLt`` exist once bitsandbytes is imported; this makes them
+    # importable (and layers picklable by name) without importing it when this module loads.
+    if name in ("Linear4bit", "Linear8bitLt"):
+        return _layer_classes()[name == "Linear8bitLt"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _DropRecords(logging.Filter):
@@ -381,18 +433,16 @@ class BitsAndBytesAdapter(QuantizationAdapter):
 
     def _empty_4bit(self, in_features: int, out_features: int, bias: bool, config: QuantizationConfig,
                     compute_dtype: torch.dtype) -> nn.Module:
-        bnb = _bnb()
-        new = bnb.nn.Linear4bit(in_features, out_features, bias, compute_dtype=compute_dtype,
-                                compress_statistics=bool(config.double_quant), quant_type=config.quant_type,
-                                quant_storage=config.storage_dtype or torch.uint8, device="meta")
+        new = _layer_classes()[0](in_features, out_features, bias, compute_dtype=compute_dtype,
+                                  compress_statistics=bool(config.double_quant), quant_type=config.quant_type,
+                                  quant_storage=config.storage_dtype or torch.uint8, device="meta")
         new.support_avx512bf16_for_cpu = False  # see the module docstring
         return new
 
     def _empty_int8(self, in_features: int, out_features: int, bias: bool, config: QuantizationConfig,
                     source_dtype: torch.dtype) -> nn.Module:
-        bnb = _bnb()
         threshold = float(config.backend_options.get("llm_int8_threshold", _INT8_DEFAULT_THRESHOLD))
-        new = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False,
+        new = _layer_classes()[1](in_features, out_features, bias, has_fp16_weights=False,
                                   threshold=threshold, device="meta")
         # int8 rows carry no dtype; remember the float dtype for dequantize_module.
         new.source_dtype = source_dtype

@@ -14,18 +14,19 @@ import torch
 from torch import nn
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
-from .base import LayerStateSpec, QuantizationAdapter, common_dtype, register_adapter
+from .base import LayerStateSpec, QuantizationAdapter, autocast_dtype, common_dtype, register_adapter
 
 __all__ = ["FallbackAdapter", "FloatLinear"]
 
 
 class FloatLinear(nn.Linear):
     """An ``nn.Linear`` whose weights may be in another dtype than its input (like the quantized
-    layers: compute in the weights' dtype, return the input's dtype)."""
+    layers: compute in the weights' dtype, return the input's dtype; under ``torch.autocast``, as
+    ``nn.Linear``, in the autocast dtype)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dtype == w.dtype:
+        if x.dtype == w.dtype or autocast_dtype(x) is not None:
             return super().forward(x)
         return nn.functional.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
-from .base import LayerStateSpec, QuantizationAdapter, common_dtype, register_adapter, tensor_nbytes
+from .base import LayerStateSpec, QuantizationAdapter, autocast_dtype, common_dtype, register_adapter, tensor_nbytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from backend_manager import Backend
@@ -91,7 +91,8 @@ def _hqq() -> ModuleType:
 def _layer_class() -> type:
     """``HQQLinear`` that accepts inputs of any float dtype: it computes in its compute dtype and
     returns the input's dtype, like bitsandbytes' layers (hqq's own forward raises on a mismatch,
-    e.g. an fp32 model quantized with ``compute_dtype=torch.bfloat16``). peft's HQQ dispatch
+    e.g. an fp32 model quantized with ``compute_dtype=torch.bfloat16``). Under ``torch.autocast``
+    it computes in, and returns, the autocast dtype, as ``nn.Linear`` does. peft's HQQ dispatch
     checks ``isinstance(layer, HQQLinear)``, which this subclass satisfies."""
     base = _hqq().HQQLinear
 
@@ -103,12 +104,32 @@ def _layer_class() -> type:
             base.set_backend.__func__(base, backend)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            dtype = autocast_dtype(x)
+            if dtype is not None:
+                return self._forward_autocast(x, dtype)
             if x.dtype == self.compute_dtype:
                 return super().forward(x)
             return super().forward(x.to(self.compute_dtype)).to(x.dtype)
 
+        def _forward_autocast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            # As nn.Linear under autocast: input, weight and bias in the autocast dtype, and so the
+            # output. hqq's autograd function would run its forward under autocast but its backward
+            # outside it (a low-precision gradient times the compute-dtype weight: a dtype error);
+            # here both multiply in ``dtype`` with autocast off, the weight dequantized in each.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = _hqq().HQQMatmulNoCacheMul.apply(x.to(dtype), functools.partial(_matmul_as_input, self),
+                                                       None)
+                # the bias is added outside: hqq's backward sums its gradient over dim 0 only
+                return out if self.bias is None else out + self.bias.to(dtype)
+
     DtypeSafeHQQLinear.__qualname__ = DtypeSafeHQQLinear.__name__ = "HQQLinear"
     return DtypeSafeHQQLinear
+
+
+def _matmul_as_input(layer: nn.Module, x: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+    """``HQQLinear.matmul`` in ``x``'s dtype: the weight is dequantized, then cast to it."""
+    weight = layer.dequantize().to(x.dtype)
+    return torch.matmul(x, weight.t() if transpose else weight)
 
 
 # ---------------------------------------------------------------------- options and shapes

@@ -53,7 +53,7 @@ from torch import nn
 from backend_manager import Backend, get_library_status, is_library_usable
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
-from .base import LayerStateSpec, QuantizationAdapter, common_dtype, register_adapter
+from .base import LayerStateSpec, QuantizationAdapter, autocast_dtype, common_dtype, register_adapter
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..validation import ValidationIssue
@@ -342,12 +342,15 @@ class MLXQuantizedLinear(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast the output has the autocast dtype, as nn.Linear's does (autocast runs the
+        # F.linear below in that dtype, and records the casts for the backward).
+        dtype = autocast_dtype(x) or x.dtype
         mx = self._mlx_for(x)
         if mx is not None:
-            return self._forward_mlx(mx, x)
+            return self._forward_mlx(mx, x).to(dtype)
         w = self.dequantized_weight()
         bias = None if self.bias is None else self.bias.to(w.dtype)
-        return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
+        return F.linear(x.to(w.dtype), w, bias).to(dtype)
 
     def _mlx_for(self, x: torch.Tensor):
         """``mlx.core`` when this call runs on MLX, else ``None`` (PyTorch path)."""

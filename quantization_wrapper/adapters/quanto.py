@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
-from .base import LayerStateSpec, QuantizationAdapter, common_dtype, leaf_tensors, register_adapter, tensor_nbytes
+from .base import (LayerStateSpec, QuantizationAdapter, autocast_dtype, common_dtype, leaf_tensors, register_adapter,
+                   tensor_nbytes)
 
 if TYPE_CHECKING:  # pragma: no cover
     from backend_manager import Backend
@@ -319,6 +320,24 @@ def _map_leaves(t: torch.Tensor, fn) -> torch.Tensor:
     return type(t).__tensor_unflatten__(inner, meta, t.size(), t.stride())
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """``x @ W.T`` with the quantized weight ``W`` dequantized and cast to ``x``'s dtype, in the
+    forward and again in the backward: like quanto's ``QuantizedLinearFunction``, it keeps only the
+    quantized tensor for the backward, never a dequantized copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch.matmul(x, weight.dequantize().to(x.dtype).t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (weight,) = ctx.saved_tensors
+        return torch.matmul(grad, weight.dequantize().to(grad.dtype)), None
+
+
 @functools.cache
 def _quanto_linear_class() -> type:
     """Define :class:`QuantoLinear` on first use (it subclasses quanto's ``QLinear``)."""
@@ -329,7 +348,9 @@ def _quanto_linear_class() -> type:
 
     class QuantoLinear(q.QLinear):
         """optimum-quanto's ``QLinear`` with the two CPU kernel choices of quanto 0.2.7 that fail on
-        torch 2.13 routed around (see the module docstring); identical to ``QLinear`` elsewhere."""
+        torch 2.13 routed around (see the module docstring), and under ``torch.autocast`` computing
+        in, and returning, the autocast dtype as ``nn.Linear`` does; identical to ``QLinear``
+        elsewhere."""
 
         def _tinygemm_fails(self, dtype: torch.dtype, device: torch.device) -> bool:
             return _tinygemm_fails(self.weight_qtype, self.out_features, self.weight_group_size, dtype, device)
@@ -366,11 +387,26 @@ def _quanto_linear_class() -> type:
             self.weight = nn.Parameter(frozen)
 
         def forward(self, input: torch.Tensor) -> torch.Tensor:
+            dtype = autocast_dtype(input)
+            if dtype is not None:
+                return self._forward_autocast(input, dtype)
             if self.frozen and _int8pack_fails(self.weight, input):
                 # quanto's generic CPU path (library/qbytes_mm.py: qbytes_mm), then the bias
                 output = torch.matmul(input.to(self.weight.dtype), self.weight.dequantize().t())
                 return output + self.bias if self.bias is not None else output
             return super().forward(input)
+
+        def _forward_autocast(self, input: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            # As nn.Linear under autocast: computed in, and returned as, the autocast dtype. quanto's
+            # autograd function would run its forward under autocast but its backward outside it (a
+            # low-precision gradient times the compute-dtype weight: a dtype error); with autocast
+            # off, a layer in ``dtype`` runs quanto's own path and any other multiplies by its
+            # weight dequantized and cast to ``dtype``.
+            with torch.autocast(device_type=input.device.type, enabled=False):
+                if self.weight.dtype == dtype:
+                    return self.forward(input.to(dtype))
+                out = _DequantizedLinear.apply(input.to(dtype), self.qweight)
+                return out if self.bias is None else out + self.bias.to(dtype)
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):

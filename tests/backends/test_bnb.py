@@ -214,6 +214,20 @@ def test_eval_mode_matches_bitsandbytes_and_keeps_the_layer_unchanged(method):
         assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_layers_keep_bitsandbytes_names_and_pickle(method, tmp_path):
+    """The layers subclass bitsandbytes' (for their autocast forward, see tests/test_autocast.py):
+    same class names, the same isinstance checks, and ``torch.save`` of a layer still loads."""
+    layer = adapter_for(method).quantize_linear(make_linear(64, 128))
+    own = bnb.nn.Linear8bitLt if method == "bnb_int8" else bnb.nn.Linear4bit
+    assert isinstance(layer, own) and type(layer).__name__ == own.__name__
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert type(loaded) is type(layer)
+    x = torch.randn(3, 64)
+    assert torch.equal(loaded(x), layer(x))
+
+
 def test_llm_int8_threshold_is_used():
     """The outlier threshold routes large input columns through fp16: with outliers in x the error
     drops versus threshold 0 (all int8)."""
