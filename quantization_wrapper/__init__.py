@@ -201,7 +201,7 @@ __all__ += [
     "load_hqq_checkpoint",
 ]
 
-if "transformers" in sys.modules:  # else QuantizationConfig.quant_method registers us when transformers asks
-    from .hf_quantizer import register_with_transformers  # noqa: E402
+# from_pretrained finds quant_method "quantization_wrapper" whatever the import order (never imports transformers)
+from .hf_quantizer import register_when_transformers_loads  # noqa: E402
 
-    register_with_transformers()
+register_when_transformers_loads()

@@ -9,8 +9,19 @@ included), each linear layer as soon as its weight and bias have been read, as t
 own on-the-fly quantizers do. Every model this package produces (``quantize_model``,
 ``load_quantized_model``, ``load_and_quantize``, ``from_pretrained``) carries an ``hf_quantizer``
 that says truthfully what transformers' ``Trainer`` and TRL ask: trainable with adapters (LoRA),
-not serializable through ``save_pretrained`` (``save_quantized_model`` writes the checkpoint;
-``PeftModel.save_pretrained`` / ``Trainer.save_model`` save the adapter as usual).
+and serializable: ``model.save_pretrained(dir)`` writes each quantized layer's tensors (as
+``save_quantized_model`` names them) and a ``config.json`` whose ``quantization_config`` holds our
+config and the per-layer plan; ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds every layer
+from them (``restore_linear``, the checks of ``load_quantized_model``) without quantizing again.
+
+The reload routes each planned layer's tensors through one transformers ``WeightConverter``
+(sources: the layer's saved keys, matched exactly; target: ``<layer>.weight`` of the skeleton's
+``nn.Linear``), whose op installs the rebuilt layer. A checkpoint that does not match the plan
+raises :class:`~quantization_wrapper.errors.CheckpointError` naming the layer and the tensor.
+Loading needs ``quant_method "quantization_wrapper"`` registered: ``import quantization_wrapper``
+registers it at once when transformers is imported already, and otherwise the moment transformers
+imports its quantizer registry (:func:`register_when_transformers_loads`), so the import order
+does not matter and transformers is never imported by us.
 
 transformers is imported only when it is already imported or asked for: the classes are built by
 :func:`hf_classes` on first use.
@@ -18,16 +29,19 @@ transformers is imported only when it is already imported or asked for: the clas
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import re
 import sys
 import threading
-import warnings
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .config import QuantizationConfig
+from .errors import CheckpointError
 
 __all__ = ["HF_QUANT_METHOD", "hf_classes", "register_with_transformers", "attach_hf_quantizer"]
 
@@ -46,20 +60,24 @@ def hf_classes() -> tuple[type, type]:
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     class QuantizationWrapperHfConfig(QuantizationConfigMixin):
-        """What transformers reads from ``config.json``: our :class:`QuantizationConfig` as a dict."""
+        """``config.json``'s ``quantization_config`` of a checkpoint ``save_pretrained`` wrote: our
+        :class:`QuantizationConfig` and the per-layer plan (``QuantizationPlan.to_dict()``)."""
 
-        def __init__(self, **kwargs: Any):
+        def __init__(self, plan: dict[str, Any] | None = None, **kwargs: Any):
             self.quant_method = HF_QUANT_METHOD
             self.config = QuantizationConfig.from_dict({k: v for k, v in kwargs.items() if k != "quant_method"})
+            self.plan = plan
 
         @classmethod
         def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-            data = {k: v for k, v in config_dict.items() if k not in ("quant_method", "plan")}
-            config = QuantizationConfig.from_dict(data)  # our config itself: one object everywhere
+            data = {k: v for k, v in config_dict.items() if k != "quant_method"}
+            # With a plan: a saved checkpoint, the plan travels to the quantizer. Without: our
+            # config itself, one object everywhere.
+            config = cls(**data) if "plan" in data else QuantizationConfig.from_dict(data)
             return (config, kwargs) if return_unused_kwargs else config
 
         def to_dict(self) -> dict[str, Any]:
-            return self.config.to_dict()
+            return {**self.config.to_dict(), **({"plan": self.plan} if self.plan is not None else {})}
 
     class QuantizationWrapperHfQuantizer(HfQuantizer):
         """Quantizes ``from_pretrained`` models through quantization-wrapper's adapters."""
@@ -67,6 +85,7 @@ def hf_classes() -> tuple[type, type]:
         requires_calibration = False
 
         def __init__(self, quantization_config: Any, **kwargs: Any):
+            self._saved_plan = getattr(quantization_config, "plan", None)
             if not isinstance(quantization_config, QuantizationConfig):
                 quantization_config = QuantizationConfig.from_dict(
                     {k: v for k, v in quantization_config.to_dict().items() if k not in ("quant_method", "plan")})
@@ -75,14 +94,15 @@ def hf_classes() -> tuple[type, type]:
             self._decisions: dict[str, Any] = {}
             self._loaded: dict[str, set[str]] = {}
             self._converted: set[str] = set()
+            self._restore: _Restore | None = None
 
         # -- environment
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-            if self.pre_quantized:
+            if self.pre_quantized and self._saved_plan is None:
                 raise ValueError(
-                    "this checkpoint's config.json says it was quantized by quantization-wrapper, but transformers "
-                    "cannot load our quantized checkpoints yet: load it with quantization_wrapper."
-                    "load_quantized_model(path) (checkpoints written by save_quantized_model)")
+                    "this checkpoint's config.json names quantization-wrapper but its quantization_config has no "
+                    "per-layer 'plan' (model.save_pretrained writes one); load checkpoints written by "
+                    "save_quantized_model with quantization_wrapper.load_quantized_model(path)")
             device_map = kwargs.get("device_map")
             if isinstance(device_map, dict) and {str(v) for v in device_map.values()} & {"disk"}:
                 raise ValueError("quantization-wrapper quantizes layers as they load; device_map entries on 'disk' "
@@ -101,6 +121,10 @@ def hf_classes() -> tuple[type, type]:
         def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
             from .surgery import plan_linear_layers, refuse_quantized_model
 
+            if self.pre_quantized:
+                self._restore = _Restore(self.quantization_config, self._saved_plan, model,
+                                         kwargs.get("checkpoint_files"))
+                return model
             refuse_quantized_model(model, self.quantization_config.method)
             self._decisions = {d.name: d for d in plan_linear_layers(model, self.adapter)}
             self._loaded = {name: set() for name, d in self._decisions.items() if d.config is not None}
@@ -113,6 +137,11 @@ def hf_classes() -> tuple[type, type]:
 
         def get_quantize_ops(self) -> Any:
             return _quantize_op_class()(self)
+
+        def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+            # Ours first: they match exact keys, which no model converter may take before them.
+            ours = self._restore.converters(self) if self._restore is not None else []
+            return ours + super().update_weight_conversions(weight_conversions, model)
 
         def _quantize_arrived(self, model: nn.Module, name: str, attr: str, value: Any,
                               missing_keys: Any) -> None:
@@ -131,12 +160,7 @@ def hf_classes() -> tuple[type, type]:
             if not needed <= self._loaded[name]:
                 return
             module = convert_layer(self.adapter, decision)
-            # transformers initializes what is not marked loaded: a quantized layer is loaded
-            for sub in module.modules():
-                sub._is_hf_initialized = True
-                for t in list(sub._parameters.values()) + list(sub._buffers.values()):
-                    if t is not None:
-                        t._is_hf_initialized = True
+            _mark_loaded(module)
             model.set_submodule(name, module)
             self._converted.add(name)
             # The plan's "bytes before" is the layer as loaded; keep only its shape and dtype.
@@ -147,6 +171,11 @@ def hf_classes() -> tuple[type, type]:
         def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
             from .surgery import record_plan
 
+            if self._restore is not None:
+                restore, self._restore = self._restore, None
+                restore.finish(model)
+                model.hf_quantizer = self
+                return model
             absent = sorted(set(self._loaded) - self._converted)
             if absent:
                 raise ValueError(f"the checkpoint lacks the weights of layers {absent[:5]}"
@@ -167,12 +196,34 @@ def hf_classes() -> tuple[type, type]:
             return False
 
         def is_serializable(self, safe_serialization: bool = True) -> bool:
-            # transformers asks this right before it refuses save_pretrained ("check out the warnings")
-            warnings.warn("quantization-wrapper models are saved with quantization_wrapper.save_quantized_model"
-                          "(model, path) (reloaded with load_quantized_model); save_pretrained cannot write them. "
-                          "A LoRA adapter on top saves as usual (PeftModel.save_pretrained, Trainer.save_model)",
-                          stacklevel=2)
-            return False
+            return True
+
+        def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
+            """What ``save_pretrained`` writes: every tensor as ``save_quantized_model`` names it.
+
+            ``save_pretrained`` writes ``config.json`` after asking this, so the model's config gets
+            the ``quantization_config`` the reload needs (config and plan); a model whose output
+            embedding no longer shares the input embedding's weight (one side quantized) gets
+            ``tie_word_embeddings=False``, or the reload would tie them again.
+            """
+            from .serialization import BUFFER_PREFIX, _collect_tensors, _untied_embeddings
+            from .surgery import get_quantization_plan
+
+            plan = get_quantization_plan(model)
+            config = getattr(model, "quantization_config", None)
+            if plan is None or not isinstance(config, QuantizationConfig):
+                raise ValueError("model has no quantization plan of quantization-wrapper: quantize it (quantize_model, "
+                                 "from_pretrained(quantization_config=QuantizationConfig(...))) before save_pretrained")
+            tensors, _ = _collect_tensors(model, plan, config)  # tied copies: dropped; the reload ties them
+            # Non-persistent buffers are never in a transformers checkpoint: the model rebuilds them.
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(BUFFER_PREFIX)}
+            if _untied_embeddings(model):
+                for section in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+                    if getattr(section, "tie_word_embeddings", False):
+                        section.tie_word_embeddings = False
+            config_cls, _ = hf_classes()
+            model.config.quantization_config = config_cls(plan=plan.to_dict(), **config.to_dict())
+            return tensors, {}
 
     return QuantizationWrapperHfConfig, QuantizationWrapperHfQuantizer
 
@@ -198,6 +249,150 @@ def _quantize_op_class() -> type:
     return QuantizationWrapperQuantize
 
 
+def _exact(key: str) -> str:
+    """A transformers source pattern matching ``key`` and nothing else: transformers searches
+    (``re.search``) and stops a pattern at a name boundary only, so without the anchors
+    ``layers.1.q_proj.weight`` would also take ``model.layers.1.q_proj.weight.absmax``."""
+    return f"^{re.escape(key)}$"
+
+
+class _Restore:
+    """One pre-quantized load: the saved plan, the checkpoint's keys of each planned layer, and
+    the layers rebuilt so far."""
+
+    def __init__(self, config: QuantizationConfig, plan: dict[str, Any], model: nn.Module, checkpoint_files: Any):
+        from .surgery import QuantizationPlan
+
+        self.config = config
+        try:
+            self.plan = QuantizationPlan.from_dict(plan)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"config.json's quantization_config 'plan' is damaged ({type(e).__name__}: {e}); "
+                                  f"save the model again with save_pretrained") from e
+        files = [str(f) for f in checkpoint_files or ()]
+        self.where = str(Path(files[0]).parent) if files else "the checkpoint"
+        if not files or not all(f.endswith(".safetensors") for f in files):
+            raise CheckpointError(f"{self.where}: a quantization-wrapper checkpoint is read from .safetensors files, "
+                                  f"got {files[:3]}")
+        from safetensors import safe_open
+
+        self.layers = {layer.name: layer for layer in self.plan.converted}
+        self.by_layer: dict[str, list[str]] = {}
+        for f in files:
+            with safe_open(f, framework="pt") as handle:
+                for key in handle.keys():
+                    owner = key.rpartition(".")[0]
+                    while owner and owner not in self.layers:  # the innermost planned layer holding it
+                        owner = owner.rpartition(".")[0]
+                    if owner:
+                        self.by_layer.setdefault(owner, []).append(key)
+        self.keys: dict[str, tuple[str, str]] = {}  # source pattern -> (layer, key in the layer)
+        for name, layer in self.layers.items():
+            try:
+                current = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"{self.where}: the plan's layer {name!r} does not exist in the model "
+                                      f"architecture") from None
+            shape = (getattr(current, "in_features", None), getattr(current, "out_features", None))
+            if shape != (layer.in_features, layer.out_features):
+                raise CheckpointError(f"{self.where}: layer {name!r} is {shape[1]}x{shape[0]} in the architecture "
+                                      f"but {layer.out_features}x{layer.in_features} in the checkpoint")
+            if name not in self.by_layer:
+                raise CheckpointError(f"{self.where}: the checkpoint has no tensors of the planned layer {name!r}")
+            self.keys.update({_exact(k): (name, k[len(name) + 1:]) for k in self.by_layer[name]})
+        self.pending = set(self.layers)
+        self.errors: list[str] = []
+        self.adapters: dict = {}
+
+    def converters(self, hf_quantizer: Any) -> list:
+        from transformers.core_model_loading import WeightConverter
+
+        op = _deserialize_op_class()(hf_quantizer)
+        return [WeightConverter([_exact(k) for k in keys], f"{name}.weight", [op])
+                for name, keys in self.by_layer.items()]
+
+    def restore(self, model: nn.Module, name: str, tensors: dict[str, Any], missing_keys: Any) -> None:
+        """Rebuild layer ``name`` from its checkpoint tensors and install it. A failure is kept for
+        :meth:`finish` (transformers would only log it and raise a generic error)."""
+        from .serialization import _layer_adapter, _layer_config
+
+        layer = self.layers[name]
+        for attr in ("weight", "bias"):  # the skeleton's keys: the rebuilt layer replaces them
+            if missing_keys is not None:
+                missing_keys.discard(f"{name}.{attr}")
+        state = {self.keys[p][1]: (v[0] if isinstance(v, list) else v) for p, v in tensors.items()}
+        current = model.get_submodule(name)
+        try:
+            adapter = _layer_adapter(self.config, layer.method, None, self.adapters)
+            module = adapter.restore_linear(layer.in_features, layer.out_features, layer.bias, state,
+                                            config=_layer_config(self.config, layer.__dict__),
+                                            dtype=current.weight.dtype)
+        except CheckpointError as e:
+            self.errors.append(f"{self.where}: layer {name!r}: {e}")
+            return
+        except Exception as e:
+            self.errors.append(f"{self.where}: layer {name!r} could not be restored from {sorted(state)}: "
+                               f"{type(e).__name__}: {e}")
+            return
+        _mark_loaded(module)
+        model.set_submodule(name, module)
+        self.pending.discard(name)
+
+    def finish(self, model: nn.Module) -> None:
+        """Raise what went wrong; else record the plan and config and set the flags peft reads."""
+        from .serialization import _layer_adapter
+
+        if self.errors:
+            more = f" (and {len(self.errors) - 1} more layers)" if len(self.errors) > 1 else ""
+            raise CheckpointError(self.errors[0] + more)
+        if self.pending:
+            absent = sorted(self.pending)
+            more = " ..." if len(absent) > 5 else ""
+            raise CheckpointError(f"{self.where}: the tensors of layers {absent[:5]}{more} were not loaded")
+        # Our converters only load: saving reverts the model's own conversions, not these.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions
+                                         if not any(isinstance(op, _deserialize_op_class()) for op in
+                                                    getattr(c, "operations", ()))]
+        model.quantization_plan = self.plan
+        model.quantization_config = self.config
+        for method in sorted({l.method for l in self.plan.converted} - {self.config.method.value}):
+            _layer_adapter(self.config, method, None, self.adapters).mark_model(model)
+        _layer_adapter(self.config, self.config.method.value, None, self.adapters).mark_model(model)
+
+
+def _mark_loaded(module: nn.Module) -> None:
+    """transformers initializes what is not marked loaded: a quantized layer is loaded."""
+    for sub in module.modules():
+        sub._is_hf_initialized = True
+        for t in list(sub._parameters.values()) + list(sub._buffers.values()):
+            if t is not None:
+                t._is_hf_initialized = True
+
+
+@functools.cache
+def _deserialize_op_class() -> type:
+    from transformers.core_model_loading import ConversionOps
+
+    class QuantizationWrapperDeserialize(ConversionOps):
+        """transformers' per-layer hook of a pre-quantized load: rebuilds the layer from its tensors."""
+
+        def __init__(self, hf_quantizer: Any):
+            self.hf_quantizer = hf_quantizer  # also tells transformers not to cast the tensors
+
+        def __deepcopy__(self, memo: dict) -> "QuantizationWrapperDeserialize":
+            return self  # transformers copies the converter per layer; the quantizer is shared
+
+        def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None,
+                    full_layer_name: str | None = None, missing_keys: Any = None, **kwargs: Any) -> dict:
+            self.hf_quantizer._restore.restore(model, full_layer_name.removesuffix(".weight"), input_dict,
+                                               missing_keys)
+            return {}
+
+    return QuantizationWrapperDeserialize
+
+
 def register_with_transformers() -> bool:
     """Register our config and quantizer with transformers (idempotent). Returns whether it did.
 
@@ -216,6 +411,43 @@ def register_with_transformers() -> bool:
         AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(HF_QUANT_METHOD, config_cls)
         AUTO_QUANTIZER_MAPPING.setdefault(HF_QUANT_METHOD, quantizer_cls)
     return True
+
+
+class _RegisterAfterImport:
+    """A ``sys.meta_path`` finder that lets Python import ``transformers.quantizers.auto`` as usual,
+    then registers us in it. It removes itself once it has fired; it finds nothing else."""
+
+    target = "transformers.quantizers.auto"
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.target:
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module  # a loader made for this spec alone: wrap its exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)
+            register_with_transformers()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_HOOK = _RegisterAfterImport()
+
+
+def register_when_transformers_loads() -> None:
+    """Register with transformers now if its quantizer registry is imported, else as soon as it is."""
+    if "transformers.quantizers.auto" in sys.modules:
+        register_with_transformers()
+    elif _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
 
 
 def attach_hf_quantizer(model: nn.Module, config: QuantizationConfig) -> None:

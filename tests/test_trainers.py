@@ -1,6 +1,6 @@
 """transformers' ``Trainer`` and TRL's ``SFTTrainer`` on models this package quantized (QLoRA).
 
-Every model we produce carries an ``hf_quantizer`` (trainable, not serializable through
+Every model we produce carries an ``hf_quantizer`` (trainable, and serializable through
 ``save_pretrained``), which both trainers read. Each test trains a tiny Llama (built from a config,
 with a word-level tokenizer built in code: nothing is downloaded) for a few steps and checks that
 the loss falls, that no base tensor changed (byte for byte), and that the adapter the trainer saves
@@ -196,7 +196,7 @@ def _train_with_trainer(model: nn.Module, adapter, tokenizer, tmp_path: Path) ->
 @pytest.mark.parametrize("method", PARAMS)
 def test_trainer_qlora_trains_saves_and_reloads(method, tokenizer, tmp_path):
     model, adapter = _quantize(method, len(tokenizer), tmp_path / "base")
-    assert model.hf_quantizer.is_trainable and not model.hf_quantizer.is_serializable()
+    assert model.hf_quantizer.is_trainable and model.hf_quantizer.is_serializable()
     _train_with_trainer(model, adapter, tokenizer, tmp_path)
 
 
@@ -252,9 +252,14 @@ def test_sft_trainer_qlora_trains_saves_and_reloads(method, precision, tokenizer
 
 # ---------------------------------------------------------------------- save_pretrained
 @pytest.mark.parametrize("method", PARAMS)
-def test_save_pretrained_refuses_a_quantized_model_and_writes_no_weights(method, tokenizer, tmp_path):
-    model = create_quantization_adapter("cpu", _config(method)).quantize_model(_llama(len(tokenizer)))
-    with pytest.raises(ValueError, match="quantization_wrapper and is not serializable"):
-        model.save_pretrained(tmp_path / "out")
-    written = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
-    assert not [n for n in written if n.endswith((".safetensors", ".bin", ".pt", ".pth"))], written
+def test_save_pretrained_base_reloads_with_from_pretrained(method, tokenizer, tmp_path):
+    """The quantized base saved the transformers way comes back the transformers way, unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    model = create_quantization_adapter("cpu", _config(method)).quantize_model(_llama(len(tokenizer))).eval()
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = _batch(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert [type(m).__name__ for m in reloaded.modules()] == [type(m).__name__ for m in model.modules()]
