@@ -396,8 +396,9 @@ def _deserialize_op_class() -> type:
 def register_with_transformers() -> bool:
     """Register our config and quantizer with transformers (idempotent). Returns whether it did.
 
-    Called by ``import quantization_wrapper`` when transformers is importable; registration only
-    adds our name to transformers' two mappings.
+    Called when transformers' quantizer registry is imported (see
+    :func:`register_when_transformers_loads`) and when transformers reads
+    ``QuantizationConfig.quant_method``; it only adds our name to transformers' two mappings.
     """
     try:
         from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
