@@ -30,6 +30,7 @@ import math
 import mmap
 import os
 import re
+import sys
 import zlib
 from contextlib import ExitStack
 from pathlib import Path
@@ -372,73 +373,233 @@ def _tied_copy_patterns(model: nn.Module) -> list[str]:
     return patterns
 
 
+#: safetensors' name of each dtype, in the order ``safetensors.torch.save_file`` lays tensors out
+#: (widest first, then by name), which keeps every tensor aligned to its element size.
+_SAFETENSORS_DTYPES = {
+    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64",
+    torch.float32: "F32", torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.uint16: "U16", torch.int16: "I16", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+class _SavedTensors:
+    """Every tensor a save writes: surveyed first (names, dtypes, shapes, ties; CRC-32s when asked),
+    then produced again for writing, one planned layer at a time (:meth:`tensors`).
+
+    A layer's tensors for the file can be new copies (quanto's CPU int4 layers unpack their kernel
+    layout into quanto's own); holding every layer's at once would add the quantized model's size
+    to the peak memory of a save. The survey drops each layer's before asking the next, and so does
+    the writing, so at most one layer's exist at a time, for converting each layer twice. The
+    tensors outside the planned layers are the model's own (detached views) and are kept.
+
+    Args:
+        crc32: record the CRC-32 of every tensor's bytes (a single-file checkpoint's metadata).
+        keep: keep the layers' tensors from the survey instead (one conversion, all held at once).
+    """
+
+    def __init__(self, model: nn.Module, plan: QuantizationPlan, config: QuantizationConfig,
+                 saved_config: dict[str, Any] | None = None, *, crc32: bool = False, keep: bool = False) -> None:
+        adapters: dict = {}
+        self.layers = [(layer.name, model.get_submodule(layer.name),
+                        _layer_adapter(config, layer.method, cache=adapters))
+                       for layer in plan.layers if layer.status != "skipped"]
+        #: name -> (dtype, shape) of every tensor written, in the order saves have always listed them.
+        self.specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.crc32: dict[str, int] | None = {} if crc32 else None
+        self._kept: dict[str, torch.Tensor] | None = {} if keep else None
+        # Ties are looked for among tensors whose memory lasts through the save (the model's own):
+        # a layer's converted copies are freed before the next layer's exist, at reused addresses.
+        own = {leaf.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
+               for leaf in leaf_tensors(t) if leaf.device.type != "meta"}
+        storage: dict[str, tuple] = {}
+
+        def survey(name: str, t: Any, lasting: bool) -> None:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"cannot save {name!r}: it is a {type(t).__name__}; safetensors holds tensors only")
+            if t.device.type == "meta":
+                raise CheckpointError(f"tensor {name!r} is on the meta device; load or quantize real weights "
+                                      f"before saving")
+            if t.dtype not in _DTYPE_RANK:
+                raise ValueError(f"cannot save {name!r}: safetensors has no dtype {t.dtype}; it holds "
+                                 f"{', '.join(str(d).replace('torch.', '') for d in _SAFETENSORS_DTYPES)}")
+            self.specs[name] = (t.dtype, tuple(t.shape))
+            if t.numel() and (lasting or t.untyped_storage().data_ptr() in own):
+                storage[name] = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if self.crc32 is not None:
+                self.crc32[name] = _tensor_crc32(t)
+            if self._kept is not None:
+                self._kept[name] = t
+
+        for state in self._layer_states():
+            for name in list(state):
+                survey(name, state.pop(name), lasting=False)
+            del state  # before the next layer is converted
+        owned = {name for name, _, _ in self.layers}
+        self.lasting = _state_outside(model, owned)
+        # Non-persistent buffers go under BUFFER_PREFIX only when a skeleton built from saved_config
+        # (the config.json being written) does not compute them with the same values (a model
+        # without config, a buffer cast to another dtype): loading would not rebuild them.
+        rebuilt = _rebuilt_buffers(saved_config)
+        for name, buf in model.named_buffers(remove_duplicate=False):
+            if name in self.lasting or any(name.startswith(o + ".") for o in owned):
+                continue
+            ref = rebuilt.get(name)
+            if ref is None or ref.dtype != buf.dtype or ref.shape != buf.shape or \
+                    not torch.equal(ref, buf.detach().cpu()):
+                self.lasting[BUFFER_PREFIX + name] = buf
+        for name, t in self.lasting.items():
+            survey(name, t, lasting=True)
+        # Tied weights: keep one copy, the one save_pretrained keeps; record the others as aliases.
+        copies = _tied_copy_patterns(model)
+        groups: dict[tuple, list[str]] = {}
+        for name in sorted(storage):
+            groups.setdefault(storage[name], []).append(name)
+        #: alias -> the saved name of the same tensor.
+        self.tied: dict[str, str] = {}
+        for names in groups.values():
+            if len(names) > 1:
+                kept = min(names, key=lambda n: (any(re.search(p, n) for p in copies), n))
+                self.tied.update({n: kept for n in names if n != kept})
+        for name in self.tied:
+            del self.specs[name]
+            for table in (self.lasting, self.crc32, self._kept):
+                if table is not None:
+                    table.pop(name, None)
+
+    def _layer_states(self) -> Iterable[dict[str, torch.Tensor]]:
+        for name, module, adapter in self.layers:
+            yield {f"{name}.{k}": v for k, v in adapter.layer_state_dict(module).items()}
+
+    def nbytes(self, name: str) -> int:
+        dtype, shape = self.specs[name]
+        return math.prod(shape) * dtype.itemsize
+
+    def tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of every tensor in :attr:`specs`, in that order; each planned layer's
+        converted again, and released (by this generator) before the next layer's are made.
+
+        Raises:
+            CheckpointError: a layer gives a tensor its survey did not (a nondeterministic adapter).
+        """
+        if self._kept is not None:
+            yield from self._kept.items()
+            return
+        for state in self._layer_states():
+            for name in list(state):
+                t = state.pop(name)
+                if name in self.specs:
+                    yield name, t
+                elif name not in self.tied:
+                    raise CheckpointError(f"tensor {name!r} appeared when the layer was converted again for "
+                                          f"writing; its adapter's layer_state_dict is not deterministic")
+                del t
+            del state
+        yield from self.lasting.items()
+
+
 def _collect_tensors(model: nn.Module, plan: QuantizationPlan, config: QuantizationConfig,
                      saved_config: dict[str, Any] | None = None) -> tuple[dict, dict]:
-    """All tensors to save (quantized layers through their adapter) and the tied-tensor aliases.
-
-    Non-persistent buffers go under :data:`BUFFER_PREFIX` only when a skeleton built from
-    ``saved_config`` (the config.json being written) does not compute them with the same values
-    (a model without config, a buffer cast to another dtype): loading would not rebuild them.
-    Of tied tensors the one ``save_pretrained`` keeps is saved (``model.embed_tokens.weight``, not
-    ``lm_head.weight``) and the others are recorded as its aliases.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    owned: set[str] = set()
-    adapters: dict = {}
-    for layer in plan.layers:
-        if layer.status == "skipped":
-            continue
-        module = model.get_submodule(layer.name)
-        adapter = _layer_adapter(config, layer.method, cache=adapters)
-        for key, value in adapter.layer_state_dict(module).items():
-            tensors[f"{layer.name}.{key}"] = value
-        owned.add(layer.name)
-    tensors.update(_state_outside(model, owned))
-    rebuilt = _rebuilt_buffers(saved_config)
-    for name, buf in model.named_buffers(remove_duplicate=False):
-        if name in tensors or any(name.startswith(o + ".") for o in owned):
-            continue
-        ref = rebuilt.get(name)
-        if ref is None or ref.dtype != buf.dtype or ref.shape != buf.shape or not torch.equal(ref, buf.detach().cpu()):
-            tensors[BUFFER_PREFIX + name] = buf
-    # Tied weights: safetensors refuses shared storage; keep one copy, record the aliases.
-    copies = _tied_copy_patterns(model)
-    groups: dict[tuple, list[str]] = {}
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.device.type == "meta":
-            raise CheckpointError(f"tensor {name!r} is on the meta device; load or quantize real weights "
-                                  f"before saving")
-        if t.numel():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-            groups.setdefault(key, []).append(name)
-    tied: dict[str, str] = {}
-    for names in groups.values():
-        if len(names) > 1:
-            kept = min(names, key=lambda n: (any(re.search(p, n) for p in copies), n))
-            tied.update({n: kept for n in names if n != kept})
-    for name in tied:
-        del tensors[name]
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        out[name] = t.contiguous()
-    return out, tied
+    """All tensors to save at once, as contiguous CPU tensors (quantized layers through their
+    adapter), and the tied-tensor aliases: for callers that need one dict (``save_pretrained``);
+    :func:`save_quantized_model` streams them instead (:class:`_SavedTensors`)."""
+    saved = _SavedTensors(model, plan, config, saved_config, keep=True)
+    return {name: t.detach().cpu().contiguous() for name, t in saved.tensors()}, saved.tied
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """``sizes`` (name -> bytes) cut in order into runs of at most ``max_bytes`` (a tensor larger
+    than that alone), so a layer's tensors stay together."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for name in tensors:  # insertion order keeps a layer's tensors together
-        n = tensors[name].numel() * tensors[name].element_size()
+    for name, n in sizes.items():
         if shards[-1] and size + n > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensors[name]
+        shards[-1].append(name)
         size += n
     return shards
+
+
+def _safetensors_header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                        metadata: dict[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """The header ``safetensors.torch.save_file`` writes for tensors of these dtypes and shapes (its
+    length as 8 bytes little-endian, then the JSON padded with spaces to a multiple of 8), and the
+    offset in the file of each tensor's bytes."""
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    offsets: dict[str, int] = {}
+    end = 0
+    for name in sorted(specs, key=lambda n: (_DTYPE_RANK[specs[n][0]], n)):
+        dtype, shape = specs[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [end, end + size]}
+        offsets[name] = end
+        end += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, {name: start + o for name, o in offsets.items()}
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` as safetensors stores them (row-major, little-endian): a view of a
+    contiguous CPU tensor's memory, else of one copy."""
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    data = t.view(torch.uint8)
+    if sys.byteorder == "big" and t.element_size() > 1:
+        data = data.view(-1, t.element_size()).flip(-1).reshape(-1)
+    return memoryview(data.numpy())
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (one call writes at most 2 GiB on Linux)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _write_safetensors(saved: _SavedTensors, files: dict[Path, tuple[list[str], dict[str, str]]]) -> None:
+    """Write safetensors files, ``{path: (tensor names, metadata)}``, byte for byte as
+    ``safetensors.torch.save_file`` would: every header first (the survey gave each tensor's dtype
+    and shape), then each tensor at its offset as :meth:`_SavedTensors.tensors` produces it.
+
+    Raises:
+        CheckpointError: a tensor differs from its survey in dtype, shape or (single file) CRC-32.
+    """
+    place: dict[str, tuple[int, int]] = {}
+    with ExitStack() as stack:
+        for path, (names, metadata) in files.items():
+            header, offsets = _safetensors_header({n: saved.specs[n] for n in names}, metadata)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            stack.callback(os.close, fd)
+            _pwrite_all(fd, memoryview(header), 0)
+            os.ftruncate(fd, len(header) + sum(saved.nbytes(n) for n in names))
+            place.update({name: (fd, offset) for name, offset in offsets.items()})
+        left = set(place)
+        for name, t in saved.tensors():
+            if (t.dtype, tuple(t.shape)) != saved.specs[name]:
+                raise CheckpointError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)} when written but was "
+                                      f"{saved.specs[name][0]} {saved.specs[name][1]} when surveyed; its "
+                                      f"adapter's layer_state_dict is not deterministic")
+            data = _tensor_bytes(t)
+            del t
+            if saved.crc32 is not None and zlib.crc32(data) != saved.crc32[name]:
+                raise CheckpointError(f"tensor {name!r} has other bytes when written than when its CRC-32 was "
+                                      f"taken; its adapter's layer_state_dict is not deterministic")
+            fd, offset = place[name]
+            _pwrite_all(fd, data, offset)
+            del data
+            left.discard(name)
+        if left:
+            raise CheckpointError(f"tensors {sorted(left)[:5]} were surveyed but not produced again for writing; "
+                                  f"their adapter's layer_state_dict is not deterministic")
 
 
 def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "2GB",
@@ -478,8 +639,6 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
         FileExistsError: ``path`` holds files of other origin and ``overwrite`` is False.
         ValueError: no quantization plan, a bad ``max_shard_size``, or a forbidden ``path``.
     """
-    from safetensors.torch import save_file
-
     plan = get_quantization_plan(model)
     config = getattr(model, "quantization_config", None)
     if plan is None or not isinstance(config, QuantizationConfig):
@@ -494,14 +653,16 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
     check_save_target(path, overwrite=overwrite, model=model, single_file=single_file)
     hf_config = getattr(model, "config", None)
     saved_config = _hf_config_dict(model) if hf_config is not None and hasattr(hf_config, "to_dict") else None
-    tensors, tied = _collect_tensors(model, plan, config, saved_config)
+    # Written as produced, one layer at a time (see _SavedTensors): a save holds the model and one
+    # layer's converted tensors, not a second copy of the quantized weights.
+    saved = _SavedTensors(model, plan, config, saved_config, crc32=single_file)
     description = {
         "format": "quantization-wrapper",
         "format_version": FORMAT_VERSION,
         "quantization_config": config.to_dict(),
         "plan": plan.to_dict(),
         "libraries": _library_versions(),
-        "tied": tied,
+        "tied": saved.tied,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
     }
 
@@ -509,9 +670,10 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
         if single_file:
             if saved_config is not None:
                 description["config"] = saved_config
-            description["tensor_crc32"] = {name: _tensor_crc32(t) for name, t in tensors.items()}
+            description["tensor_crc32"] = saved.crc32
             with StagedFile(path) as staged:
-                save_file(tensors, staged.path, metadata={"quantization_wrapper": json.dumps(description, default=str)})
+                metadata = {"quantization_wrapper": json.dumps(description, default=str)}
+                _write_safetensors(saved, {staged.path: (list(saved.specs), metadata)})
                 if _before_commit is not None:
                     _before_commit(staged.path)
                 staged.commit()
@@ -519,20 +681,22 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
 
         with StagedDirectory(path, overwrite=overwrite) as stage:
             staging = stage.path
-            buffers = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(BUFFER_PREFIX)]}
+            buffers = [k for k in saved.specs if k.startswith(BUFFER_PREFIX)]
+            sizes = {k: saved.nbytes(k) for k in saved.specs if not k.startswith(BUFFER_PREFIX)}
+            shards = _shards(sizes, max_bytes)
+            layout: dict[Path, tuple[list[str], dict[str, str]]] = {}
             if buffers:
-                save_file(buffers, staging / BUFFERS_NAME, metadata={"format": "pt"})
-            shards = _shards(tensors, max_bytes)
-            files: dict[str, dict[str, Any]] = {}
+                layout[staging / BUFFERS_NAME] = (buffers, {"format": "pt"})
             weight_map: dict[str, str] = {}
             for i, shard in enumerate(shards, 1):
                 name = WEIGHTS_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, staging / name, metadata={"format": "pt"})
+                layout[staging / name] = (shard, {"format": "pt"})
                 weight_map.update({k: name for k in shard})
+            _write_safetensors(saved, layout)
             if len(shards) > 1:
-                total = sum(t.numel() * t.element_size() for t in tensors.values())
                 (staging / INDEX_NAME).write_text(json.dumps(
-                    {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+                    {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2))
+            files: dict[str, dict[str, Any]] = {}
             if saved_config is not None:
                 (staging / "config.json").write_text(json.dumps(saved_config, indent=2, default=str))
             for name, content in _interop(model)[1].items():
@@ -557,10 +721,8 @@ def save_quantized_model(model: nn.Module, path: str | os.PathLike, *, max_shard
 
 
 def _tensor_crc32(t: torch.Tensor) -> int:
-    """CRC-32 of a contiguous CPU tensor's bytes, as they lie in the safetensors file."""
-    if t.numel() == 0:
-        return 0
-    return zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy())
+    """CRC-32 of a tensor's bytes, as they lie in the safetensors file."""
+    return zlib.crc32(_tensor_bytes(t))
 
 
 # ------------------------------------------------------------------------------------------- load

@@ -281,12 +281,12 @@ def test_interrupted_save_keeps_previous_checkpoint(saved):
 def test_crash_while_writing_tensors_keeps_previous(saved, monkeypatch):
     model, path = saved
     before = {p.name: p.read_bytes() for p in path.iterdir()}
-    import safetensors.torch
+    from quantization_wrapper import serialization
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(serialization, "_pwrite_all", boom)  # where every tensor byte is written
     with pytest.raises(OSError, match="disk full"):
         save_quantized_model(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
@@ -544,3 +544,136 @@ def test_old_layout_buffers_are_checked(tmp_path):
         save_file({**tensors, key: value}, path / "model.safetensors", metadata={"format": "pt"})
         with pytest.raises(CheckpointError, match=error):
             load_quantized_model(path, verify=False)
+
+
+# --------------------------------------------------------------------------- streaming the save
+STREAMED = ["bnb_nf4", "bnb_int8", "hqq4", "quanto_int4", "quanto_int8", "mlx4", "mixed_libraries"]
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and \
+        torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _bf16_model(config_kwargs):
+    """A bfloat16 model, whose rotary tables go to non_persistent_buffers.safetensors."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG)).eval().to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qw.create_quantization_adapter("cpu", qw.QuantizationConfig(**config_kwargs)).quantize_model(model)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["one-file", "shards", "single-file"])
+@pytest.mark.parametrize("name", STREAMED)
+def test_streamed_files_are_what_save_file_writes(name, layout, tmp_path):
+    """Every file the streaming writer makes has the bytes safetensors' save_file writes for the same
+    tensors (what saves wrote before streaming) and loads tensor for tensor with load_file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from quantization_wrapper.serialization import _collect_tensors
+
+    model = _bf16_model(CONFIGS[name])
+    single = layout == "single-file"
+    path = save_quantized_model(model, tmp_path / ("m.safetensors" if single else "ckpt"), single_file=single,
+                                max_shard_size="10KB" if layout == "shards" else "2GB")
+    expected, tied = _collect_tensors(model, model.quantization_plan, model.quantization_config,
+                                      read_checkpoint_info(path).get("config") or json.loads((path / "config.json").read_text()))
+    files = [path] if single else sorted(path.glob("*.safetensors"))
+    assert len(files) > 3 if layout == "shards" else len(files) == (1 if single else 2)  # + the buffers' file
+    seen = set()
+    for file in files:
+        loaded = load_file(file)
+        seen |= set(loaded)
+        for key, value in loaded.items():
+            assert same_bits(value, expected[key]), key
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata()
+        again = tmp_path / "save_file.safetensors"
+        save_file({k: expected[k] for k in loaded}, again, metadata=metadata)
+        assert file.read_bytes() == again.read_bytes(), file.name
+    assert seen == set(expected) and not seen & set(tied)
+    # (mmap=False: quanto's CPU int8 kernel can crash on a layer mapped from the end of a small shard)
+    assert torch.equal(logits(load_quantized_model(path, mmap=False)), logits(model))
+
+
+def test_header_matches_save_file_for_every_dtype(tmp_path):
+    """Every dtype safetensors stores, 0-d, empty and non-contiguous tensors, names out of order."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+    from quantization_wrapper.serialization import _SAFETENSORS_DTYPES, _write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, dtype in enumerate(_SAFETENSORS_DTYPES):
+        raw = torch.randint(0, 2 if dtype == torch.bool else 256, (3, 8 * (1 + i % 3)), dtype=torch.uint8, generator=g)
+        base = raw.view(dtype)
+        tensors[f"{chr(122 - i)}.w{i}"] = base.t() if base.shape[1] > 1 else base
+        tensors[f"s{i}"] = base.reshape(-1)[0].clone()  # 0-d
+        tensors[f"e{i}"] = base[:0]
+    tensors["ünïcode \"name\"\n"] = torch.arange(3.0)
+    saved = SimpleNamespace(specs={k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, crc32=None,
+                            tensors=lambda: iter(tensors.items()),
+                            nbytes=lambda k: tensors[k].numel() * tensors[k].element_size())
+    for meta in ({"format": "pt"}, {"quantization_wrapper": json.dumps({"ä": "\"q\"\n", "n": [1, 2]})}):
+        _write_safetensors(saved, {tmp_path / "ours.safetensors": (list(tensors), meta)})
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp_path / "theirs.safetensors", metadata=meta)
+        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("single_file", [False, True], ids=["directory", "single-file"])
+@pytest.mark.parametrize("name", ["quanto_int4", "bnb_nf4", "hqq4", "mlx4"])
+def test_save_holds_one_layers_tensors_at_a_time(name, single_file, tmp_path, monkeypatch):
+    """The adapter's layer_state_dict output (for quanto CPU int4, a new copy of the layer's weights)
+    is released before the next layer's is made, both in the survey and in the writing: the save
+    holds the model plus one layer. Counted by weak references to every tensor produced."""
+    import weakref
+
+    from quantization_wrapper.adapters.base import get_adapter_class
+    from quantization_wrapper.config import QuantizationMethod
+
+    model, _ = quantized(CONFIGS[name])
+    cls = get_adapter_class(QuantizationMethod.parse(model.quantization_config.method))
+    original = cls.layer_state_dict
+    produced: list[list[weakref.ref]] = []
+    alive_at_call: list[int] = []
+
+    def tracked(self, module):
+        alive_at_call.append(sum(r() is not None for refs in produced for r in refs))
+        state = original(self, module)
+        produced.append([weakref.ref(t) for t in state.values()])
+        return state
+
+    monkeypatch.setattr(cls, "layer_state_dict", tracked)
+    path = save_quantized_model(model, tmp_path / ("m.safetensors" if single_file else "ckpt"), single_file=single_file)
+    layers = len(model.quantization_plan.converted)
+    assert layers > 5 and len(produced) == 2 * layers  # converted twice: survey, then writing
+    assert alive_at_call == [0] * (2 * layers)  # no earlier layer's tensors alive when the next is made
+    assert sum(r() is not None for refs in produced for r in refs) == 0
+    monkeypatch.undo()
+    assert torch.equal(logits(load_quantized_model(path)), logits(model))
+
+
+def test_a_layer_that_changes_between_survey_and_writing_is_refused(saved, monkeypatch):
+    """The header is written from the survey; a layer whose state differs when written again would
+    make a wrong file, so the save fails and the previous checkpoint stays."""
+    from quantization_wrapper.adapters.hqq import HQQAdapter
+
+    model, path = saved
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    original = HQQAdapter.layer_state_dict
+    calls = []
+
+    def drifting(self, module):
+        state = original(self, module)
+        calls.append(1)
+        if len(calls) > len(model.quantization_plan.converted):  # the writing pass
+            state["W_q"] = state["W_q"][:-1]
+        return state
+
+    monkeypatch.setattr(HQQAdapter, "layer_state_dict", drifting)
+    with pytest.raises(CheckpointError, match="W_q.*not deterministic"):
+        save_quantized_model(model, path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before

@@ -162,7 +162,7 @@ def _umask() -> int:
 def test_full_disk_leaves_the_previous_checkpoint(model, reference, tmp_path, monkeypatch):
     import errno
 
-    import safetensors.torch
+    from quantization_wrapper import serialization
 
     path = tmp_path / "ckpt"
     qw.save_quantized_model(model, path)
@@ -171,7 +171,7 @@ def test_full_disk_leaves_the_previous_checkpoint(model, reference, tmp_path, mo
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(serialization, "_pwrite_all", full)  # where every tensor byte is written
     with pytest.raises(OSError, match="no space left .* nothing was changed"):
         qw.save_quantized_model(model, path)
     assert tree(path) == before and leftovers(tmp_path) == []
