@@ -783,6 +783,11 @@ class QuantoAdapter(QuantizationAdapter):
             raise ValueError(f"state does not fit this {module.out_features}x{module.in_features} "
                              f"{module.weight_qtype.name} layer: missing {missing}, unexpected {unexpected}, "
                              f"wrong shapes {wrong}")
+        # torch's CPU int8 weight-only kernel (quanto's int8 matmul) reads its weight with aligned
+        # vector loads: a view of a memory-mapped checkpoint at an offset that is not a multiple of
+        # 16 crashed the process (SIGSEGV). Such packed tensors get a copy (64-byte aligned).
+        state = {k: v.clone() if not v.is_floating_point() and v.device.type == "cpu" and v.data_ptr() % 64 else v
+                 for k, v in state.items()}
         module.load_state_dict(state, strict=True, assign=True)
         module.weight.requires_grad_(False)
         return module
