@@ -54,8 +54,9 @@ class BackendManager:
                 )
             self._chosen_by = "requested"
         if self.verbose:
-            # Without any handler an INFO record is dropped; the caller asked to see this.
-            level = logging.INFO if logger.hasHandlers() else logging.WARNING
+            # The caller asked to see this: INFO where logging would show INFO (a handler and a
+            # level that pass it), else WARNING (basicConfig's default level, or no handler at all).
+            level = logging.INFO if logger.hasHandlers() and logger.isEnabledFor(logging.INFO) else logging.WARNING
             logger.log(level, "%s", self.describe())
 
     @property

@@ -15,7 +15,6 @@ Importing this package imports none of the optional quantization libraries; each
 its library when it is first used.
 """
 
-import sys
 
 from backend_manager import Backend, BackendManager
 

@@ -36,7 +36,6 @@ import secrets
 import stat
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -66,29 +65,47 @@ WRITTEN_NAME_PATTERN = re.compile(
 _STAGING = ".qw-staging-"
 _OLD = ".qw-old-"
 _LOCK_NAME = ".qw-save.lock"
-#: Staging directories of versions before the lock (``mkdtemp`` names) are removed once this old.
-_LEGACY_AGE_S = 3600.0
 _thread_lock = threading.RLock()  # flock is per open file; threads of one process share this too
 
 
 # ------------------------------------------------------------------------------------ ownership
+def _our_description(directory: Path) -> dict | None:
+    """The description of ``directory`` if it is one this package wrote (a JSON object with
+    ``"format": "quantization-wrapper"`` and a ``files`` table), else None: a file of that name
+    from another tool, or damaged, makes nothing ours."""
+    desc = directory / DESCRIPTION_NAME
+    if desc.is_symlink() or not desc.is_file():
+        return None
+    try:
+        info = json.loads(desc.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("format") != "quantization-wrapper" or \
+            not isinstance(info.get("files"), dict):
+        return None
+    return info
+
+
 def describes_our_checkpoint(directory: Path) -> bool:
-    return (directory / DESCRIPTION_NAME).is_file()
+    return _our_description(directory) is not None
 
 
 def owned_files(directory: Path) -> set[str]:
     """Names of the files the package wrote in ``directory``: its description and the files the
-    description lists (only plain names). A description that cannot be read owns only itself."""
-    desc = directory / DESCRIPTION_NAME
-    if not desc.is_file():
+    description lists that still have their recorded size (a file replaced since is not ours)."""
+    info = _our_description(directory)
+    if info is None:
         return set()
     owned = {DESCRIPTION_NAME}
-    try:
-        files = json.loads(desc.read_bytes().decode("utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
-        return owned
-    if isinstance(files, dict):
-        owned.update(n for n in files if isinstance(n, str) and _plain_name(n))
+    for name, record in info["files"].items():
+        if not isinstance(name, str) or not _plain_name(name) or not isinstance(record, dict):
+            continue
+        try:
+            st = os.lstat(directory / name)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size == record.get("size"):
+            owned.add(name)
     return owned
 
 
@@ -157,7 +174,7 @@ def check_save_target(path: Path, *, overwrite: bool, model: Any = None, single_
 def _foreign(directory: Path, written: Iterable[str] | None = None) -> list[str]:
     """Entries of ``directory`` that block a save without ``overwrite``: all of them when it is not
     our checkpoint; in one of ours, the files of other origin that carry a name the save writes."""
-    names = [n for n in _listing(directory) if not n.startswith(".qw-")]
+    names = [n for n in _listing(directory) if n != _LOCK_NAME]
     if not describes_our_checkpoint(directory):
         return names
     owned = owned_files(directory)
@@ -326,32 +343,33 @@ def _remove_ours(leftover: Path, live: Path | None, ours: set[str], pattern_ours
     return kept
 
 
-def _sibling_leftovers(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """Staging, renamed-aside and legacy (before the lock) directories left next to ``path``."""
-    staging, old, legacy = [], [], []
+def _sibling_leftovers(path: Path) -> tuple[list[Path], list[Path]]:
+    """Staging and renamed-aside directories that saves left next to ``path`` (ours by name:
+    ``.NAME.qw-staging-*``, ``.NAME.qw-old-*``, and ``.NAME.old-PID`` of versions before them)."""
+    staging, old = [], []
     prefix = f".{path.name}"
     for name in _listing(path.parent):
         if not name.startswith(prefix):
             continue
         rest = name[len(prefix):]
         full = path.parent / name
-        if rest.startswith(_STAGING):
+        if rest.startswith(_STAGING) and full.is_dir():
             staging.append(full)
-        elif rest.startswith(_OLD) or re.fullmatch(r"\.old-\d+", rest):
+        elif (rest.startswith(_OLD) or re.fullmatch(r"\.old-\d+", rest)) and full.is_dir():
             old.append(full)
-        elif re.fullmatch(r"\.[A-Za-z0-9_]{8}\.tmp", rest) and full.is_dir():
-            legacy.append(full)
-    return staging, old, legacy
+    return staging, old
 
 
 def recover(path: str | os.PathLike) -> list[str]:
     """Repair what an interrupted save left next to ``path``; returns what was done, in words.
 
-    * ``path`` missing and the previous checkpoint renamed aside (a crash between the two renames
-      of the fallback commit): the previous checkpoint is renamed back.
-    * Staging directories of saves that died (their lock is free) and renamed-aside copies of a
-      replaced checkpoint are removed, file by file: only what the package wrote, plus the hard
-      links of files the live checkpoint keeps. Anything else stays, with a warning.
+    * ``path`` missing and the previous directory renamed aside (a crash between the two renames
+      of the fallback commit): the newest one is renamed back, whatever it holds (it was at
+      ``path`` before the save).
+    * Staging directories of saves that died (their lock is free, or gone after the exchange) and
+      renamed-aside copies of a replaced checkpoint are removed, file by file: only what the
+      package wrote, plus the hard links of files the live directory keeps. Anything else stays,
+      with a warning. Where advisory locks do not exist (Windows), staging directories are left.
 
     Safe to call at any time, from any process: it runs under the same lock as commits. Errors
     (a read-only parent) are logged, not raised.
@@ -360,49 +378,45 @@ def recover(path: str | os.PathLike) -> list[str]:
     done: list[str] = []
     if not path.name or not path.parent.is_dir():
         return done
-    staging, old, legacy = _sibling_leftovers(path)
-    if not (staging or old or legacy):
+    if not any(_sibling_leftovers(path)):
         return done
+
+    def clean(leftover: Path, pattern_ours: bool) -> None:
+        kept = _remove_ours(leftover, path if path.is_dir() else None, owned_files(leftover), pattern_ours)
+        done.append(f"removed {leftover.name}" if not kept else f"kept {leftover.name} ({len(kept)} foreign files)")
+        if kept:
+            warnings.warn(f"{leftover} (left by an interrupted save) holds files quantization-wrapper did not "
+                          f"write; left in place: {kept[:5]}", stacklevel=3)
+
     try:
         with _parent_lock(path.parent):
-            staging, old, legacy = _sibling_leftovers(path)
-            # Newest first: if several saves died, the latest complete checkpoint comes back.
+            staging, old = _sibling_leftovers(path)
+            # Newest first: if several saves died, the latest previous directory comes back.
             old.sort(key=lambda p: p.stat().st_mtime if p.exists() else 0, reverse=True)
             for aside in old:
-                if not path.exists() and describes_our_checkpoint(aside):
+                legacy = _OLD not in aside.name
+                if not path.exists() and (not legacy or describes_our_checkpoint(aside)):
                     os.rename(aside, path)
                     _fsync_dir(path.parent)
-                    done.append(f"restored the previous checkpoint from {aside.name}")
-                    logger.warning("%s: restored the previous checkpoint from %s (a save was interrupted "
+                    done.append(f"restored the previous directory from {aside.name}")
+                    logger.warning("%s: restored the previous directory from %s (a save was interrupted "
                                    "while committing)", path, aside)
                     continue
-                kept = _remove_ours(aside, path if path.is_dir() else None, owned_files(aside), False)
-                done.append(f"removed {aside.name}" if not kept else f"kept {aside.name} ({len(kept)} foreign files)")
-                if kept:
-                    warnings.warn(f"{aside} (left by an interrupted save) holds files quantization-wrapper did not "
-                                  f"write; left in place: {kept[:5]}", stacklevel=2)
+                clean(aside, False)
+            if fcntl is None:
+                return done  # no lock tells a dead save from a live one
             for stage in staging:
                 lock = stage / _LOCK_NAME
-                fd = _try_lock(lock) if lock.exists() else None
-                if lock.exists() and fd is None and fcntl is not None:
-                    continue  # a save in progress
-                try:
-                    live = path if path.is_dir() else None
-                    kept = _remove_ours(stage, live, owned_files(stage), True)
-                finally:
-                    if fd is not None:
+                if lock.exists():
+                    fd = _try_lock(lock)
+                    if fd is None:
+                        continue  # a save in progress
+                    try:  # died while writing: everything but the user's links is the package's
+                        clean(stage, True)
+                    finally:
                         os.close(fd)
-                done.append(f"removed {stage.name}" if not kept else f"kept {stage.name} ({len(kept)} foreign files)")
-                if kept:
-                    warnings.warn(f"{stage} (left by an interrupted save) holds files quantization-wrapper did not "
-                                  f"write; left in place: {kept[:5]}", stacklevel=2)
-            now = time.time()
-            for stage in legacy:
-                if now - stage.stat().st_mtime < _LEGACY_AGE_S:
-                    continue
-                kept = _remove_ours(stage, path if path.is_dir() else None, owned_files(stage), True)
-                if not kept:
-                    done.append(f"removed {stage.name}")
+                else:  # died after the exchange: the previous checkpoint, owned by its description
+                    clean(stage, False)
     except OSError as e:
         logger.warning("%s: could not clean up after an interrupted save (%s)", path, e)
     return done
@@ -474,7 +488,7 @@ class StagedDirectory:
                         f"replace ({', '.join(blocking[:5])}); pass overwrite=True or choose another path")
                 owned = owned_files(self.target)
                 keep = [n for n in _listing(self.target)
-                        if n not in owned and n not in written and not n.startswith(".qw-")]
+                        if n not in owned and n not in written and n != _LOCK_NAME]
                 for name in keep:
                     _link_tree(self.target / name, self.path / name)
                 replaced = [n for n in _listing(self.target) if n in written and n not in owned]

@@ -404,13 +404,12 @@ def register_with_transformers() -> bool:
         from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
     except ImportError:
         return False
-    if _REGISTERED:
-        return True
     config_cls, quantizer_cls = hf_classes()
-    with _REGISTER_LOCK:
-        _REGISTERED.append(True)
-        AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(HF_QUANT_METHOD, config_cls)
-        AUTO_QUANTIZER_MAPPING.setdefault(HF_QUANT_METHOD, quantizer_cls)
+    with _REGISTER_LOCK:  # nobody is told "registered" before both mappings hold us
+        if not _REGISTERED:
+            AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(HF_QUANT_METHOD, config_cls)
+            AUTO_QUANTIZER_MAPPING.setdefault(HF_QUANT_METHOD, quantizer_cls)
+            _REGISTERED.append(True)
     return True
 
 

@@ -136,7 +136,14 @@ class SafetensorsReader:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             self.close()
             raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from e
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            self.close()
+            raise ValueError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            self.close()
+            raise ValueError(f"{self.path}: corrupt safetensors header ('__metadata__' is not an object)")
+        self.metadata: dict[str, str] = metadata
         self._start = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
@@ -144,6 +151,8 @@ class SafetensorsReader:
                 dtype = _DTYPES[info["dtype"]]
                 begin, end = info["data_offsets"]
                 shape = tuple(int(d) for d in info["shape"])
+                if not (type(begin) is int and type(end) is int and 0 <= begin <= end) or min(shape, default=0) < 0:
+                    raise ValueError(f"data_offsets {info['data_offsets']!r} / shape {info['shape']!r} are not valid")
             except (KeyError, TypeError, ValueError) as e:
                 self.close()
                 raise ValueError(f"{self.path}: bad header entry for {name!r} ({e})") from e
@@ -259,21 +268,27 @@ class CheckpointFiles:
                 raise ValueError(f"{self.directory}: no .safetensors weights (and no model.safetensors.index.json)")
             self.files = files
             self.weight_map = {}
-        self.readers = [SafetensorsReader(f, mmap=mmap) for f in self.files]
-        seen: dict[str, Path] = {}
-        for reader in self.readers:
-            for key in reader.keys():
-                if key in seen:
-                    raise ValueError(f"tensor {key!r} is in both {seen[key].name} and {reader.path.name}")
-                seen[key] = reader.path
-                listed = self.weight_map.get(key)
-                if self.weight_map and listed != reader.path.name:
-                    raise ValueError(f"{index.name}: tensor {key!r} is listed in {listed!r} but stored in "
-                                     f"{reader.path.name!r}; the index does not match the shards")
-        if self.weight_map:
-            absent = sorted(set(self.weight_map) - set(seen))
-            if absent:
-                raise ValueError(f"{index.name} lists tensors no shard contains: {absent[:5]}")
+        self.readers: list[SafetensorsReader] = []
+        try:  # a check that fails closes what was opened (files and mappings)
+            for f in self.files:
+                self.readers.append(SafetensorsReader(f, mmap=mmap))
+            seen: dict[str, Path] = {}
+            for reader in self.readers:
+                for key in reader.keys():
+                    if key in seen:
+                        raise ValueError(f"tensor {key!r} is in both {seen[key].name} and {reader.path.name}")
+                    seen[key] = reader.path
+                    listed = self.weight_map.get(key)
+                    if self.weight_map and listed != reader.path.name:
+                        raise ValueError(f"{index.name}: tensor {key!r} is listed in {listed!r} but stored in "
+                                         f"{reader.path.name!r}; the index does not match the shards")
+            if self.weight_map:
+                absent = sorted(set(self.weight_map) - set(seen))
+                if absent:
+                    raise ValueError(f"{index.name} lists tensors no shard contains: {absent[:5]}")
+        except BaseException:
+            self.close()
+            raise
         self.location = seen
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -1084,14 +1099,26 @@ def tensor_worker_pool(workers: int, name: str) -> Any:
     if workers <= 1:
         yield _Inline()
         return
-    before = torch.get_num_threads()
+    # Pools of concurrent loads overlap: the first one in records the count, the last one out
+    # restores it (a pool entered inside another would read the lowered count as its own).
+    with _POOLS_LOCK:
+        if not _POOLS:
+            _POOLS.append(torch.get_num_threads())
+        _POOLS.append(0)
     per_worker = max(1, (os.cpu_count() or 1) // workers)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                                 initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
             yield pool
     finally:
-        torch.set_num_threads(before)
+        with _POOLS_LOCK:
+            _POOLS.pop()
+            if len(_POOLS) == 1:
+                torch.set_num_threads(_POOLS.pop())
+
+
+_POOLS_LOCK = threading.Lock()
+_POOLS: list[int] = []  # [thread count before the first pool, one entry per pool open]
 
 
 def _install(model: nn.Module, result: tuple[str, nn.Module]) -> None:

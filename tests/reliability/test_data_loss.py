@@ -316,6 +316,7 @@ def test_recover_never_deletes_foreign_files_left_in_a_staging_directory(tmp_pat
     path = tmp_path / "ckpt"
     stray = tmp_path / f".ckpt{checkpoint_dir._STAGING}12345-dead"
     stray.mkdir()
+    (stray / checkpoint_dir._LOCK_NAME).write_bytes(b"")  # a save that died while writing (lock free)
     (stray / "model.safetensors").write_bytes(b"partial")
     (stray / "my-notes.txt").write_text("keep")
     with pytest.warns(UserWarning, match="did not write"):
@@ -347,3 +348,37 @@ def test_overwrite_replaces_same_named_files_and_leaves_nothing_behind(model, re
     assert (project / "keep.txt").read_text() == "keep"
     assert leftovers(tmp_path) == []
     assert torch.equal(logits(qw.load_quantized_model(project)), reference)
+
+
+def test_a_foreign_file_named_like_our_description_makes_nothing_ours(model, tmp_path):
+    """Another tool's quantization_config.json (or a crafted one listing the user's files) does not
+    make the directory ours: the save refuses, and nothing listed in it is deleted."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    (project / "quantization_config.json").write_text(json.dumps({"bits": 4, "files": {"notes.txt": {"size": 4}}}))
+    with pytest.raises(FileExistsError, match="not a quantization-wrapper checkpoint"):
+        qw.save_quantized_model(model, project)
+    crafted = {"format": "quantization-wrapper", "files": {"notes.txt": {"size": 4}}}
+    (project / "quantization_config.json").write_text(json.dumps(crafted))
+    (project / "notes.txt").write_text("mine, edited")  # its size no longer matches the record
+    qw.save_quantized_model(model, project)
+    assert (project / "notes.txt").read_text() == "mine, edited"
+
+
+def test_recover_puts_back_a_renamed_aside_directory_of_any_content(tmp_path):
+    """A fallback commit killed between its renames, over a directory of the user's files."""
+    path = tmp_path / "project"
+    aside = tmp_path / f".project{checkpoint_dir._OLD}999-dead"
+    aside.mkdir()
+    (aside / "train.py").write_text("x")
+    checkpoint_dir.recover(path)
+    assert (path / "train.py").read_text() == "x" and not aside.exists()
+
+
+def test_a_user_file_named_like_our_temporaries_stays_in_place(model, tmp_path):
+    path = tmp_path / "ckpt"
+    qw.save_quantized_model(model, path)
+    (path / ".qw-mine").write_text("keep")
+    qw.save_quantized_model(model, path)
+    assert (path / ".qw-mine").read_text() == "keep" and leftovers(tmp_path) == []
