@@ -8,6 +8,8 @@ backend is one new file and one decorator.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
 from abc import ABC, abstractmethod
@@ -219,9 +221,15 @@ class QuantizationAdapter(ABC):
 
     Subclasses set ``library`` (the name ``backend_manager`` knows it by), ``library_module`` (its
     import name, to check ``sys.modules`` cheaply; ``types_module`` when the quantized layer class
-    lives elsewhere), and implement the three layer-level
-    operations: :meth:`quantize_linear`, :meth:`create_quantized_linear`, :meth:`dequantize_module`.
-    Model-level operations (:meth:`quantize_model`, training preparation, save/load) are shared.
+    lives elsewhere), and implement :meth:`create_quantized_linear`. :meth:`quantize_linear` and
+    :meth:`dequantize_module` have defaults that work through the created layer (see each); backends
+    override them. Model-level operations (:meth:`quantize_model`, training preparation, save/load)
+    are shared. The contracts are in ``docs/architecture.md`` ("Custom adapters").
+
+    A :meth:`create_quantized_linear` written as ``(in_features, out_features, bias=True)`` (the
+    design document's example) is accepted: the keywords it lacks are applied around it (``device``
+    as a ``torch.device`` context; ``dtype`` left to the layer), and a per-layer ``config`` that
+    differs from the adapter's raises, since such a method cannot honour it.
 
     Args:
         config: the quantization config; ``None`` uses the default config of the adapter's first
@@ -242,6 +250,12 @@ class QuantizationAdapter(ABC):
     #: Whether :meth:`load_layer_state` does multi-threaded tensor work (a repack for a kernel):
     #: loading then fills such layers after the checksum threads are done, not beside them.
     fill_after_verification: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        create = cls.__dict__.get("create_quantized_linear")
+        if create is not None and not getattr(create, "__isabstractmethod__", False):
+            cls.create_quantized_linear = _accept_create_keywords(create)
 
     def __init__(self, config: QuantizationConfig | None = None, backend: Backend | str | None = None,
                  *, device: torch.device | str | None = None):
@@ -285,16 +299,38 @@ class QuantizationAdapter(ABC):
         return ()
 
     # ------------------------------------------------------------------ layer level
-    @abstractmethod
     def quantize_linear(self, linear: nn.Linear, name: str | None = None, *,
                         config: QuantizationConfig | None = None) -> nn.Module:
         """Quantize an ``nn.Linear`` that holds real weights; returns the new module.
+
+        The default builds the layer with :meth:`create_quantized_linear` on ``linear``'s device and
+        dtype, then hands it the float weights: ``module.load_float_weight(weight, bias)`` when the
+        layer has that method (it quantizes them), else by assignment -- copied into a ``weight`` /
+        ``bias`` parameter, or set through an attribute (a property setter that quantizes, a buffer).
 
         Args:
             linear: the layer; it is not modified.
             name: its dotted name, used to look up ``layer_configs`` when ``config`` is ``None``.
             config: the per-layer config to use (the walker passes the resolved one).
+
+        Raises:
+            TypeError: the created layer takes float weights in none of these ways (implement
+                ``quantize_linear`` on the adapter, or give the layer ``load_float_weight``).
         """
+        config = self.layer_config(name, config)
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach()
+        module = self.create_quantized_linear(linear.in_features, linear.out_features, bias is not None,
+                                              config=config, device=weight.device, dtype=weight.dtype)
+        load = getattr(module, "load_float_weight", None)
+        if callable(load):
+            with torch.no_grad():
+                load(weight, bias)
+            return module
+        _hand_float(self, module, "weight", weight)
+        if bias is not None:
+            _hand_float(self, module, "bias", bias)
+        return module
 
     @abstractmethod
     def create_quantized_linear(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -306,9 +342,33 @@ class QuantizationAdapter(ABC):
         ``device="meta"`` allocates nothing.
         """
 
-    @abstractmethod
     def dequantize_module(self, module: nn.Module) -> nn.Linear:
-        """An ``nn.Linear`` whose weight equals what ``module`` computes with."""
+        """An ``nn.Linear`` whose weight equals what ``module`` computes with.
+
+        The default reads the float weight from ``module.dequantize()`` when the layer has it, else
+        from a floating-point ``module.weight`` of shape ``(out_features, in_features)``, and the
+        bias from ``module.bias``.
+
+        Raises:
+            TypeError: the layer exposes neither (implement ``dequantize_module`` on the adapter).
+        """
+        dequantize = getattr(module, "dequantize", None)
+        with torch.no_grad():
+            weight = dequantize() if callable(dequantize) else getattr(module, "weight", None)
+            if not (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.ndim == 2):
+                raise TypeError(
+                    f"{type(self).__name__}.dequantize_module: {type(module).__name__} has neither a dequantize() "
+                    f"method returning the float weight nor a floating-point 2-D weight "
+                    f"(got {type(weight).__name__}); implement dequantize_module on {type(self).__name__}")
+            weight = weight.detach().clone()
+            bias = getattr(module, "bias", None)
+            bias = bias.detach().clone() if isinstance(bias, torch.Tensor) else None
+        out_features, in_features = weight.shape
+        linear = nn.Linear(in_features, out_features, bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.to(weight.dtype))
+        return linear
 
     def is_quantized_module(self, module: nn.Module) -> bool:
         """True when ``module`` is one of this adapter's quantized layers."""
@@ -434,10 +494,11 @@ class QuantizationAdapter(ABC):
             from ..hf_quantizer import attach_hf_quantizer
 
             attach_hf_quantizer(model, getattr(model, "quantization_config", None) or self.config)
-        if "peft" in sys.modules:  # teach peft the LoRA layers it lacks (never imports peft itself)
+        if "peft" in sys.modules:  # plain get_peft_model (and TRL's) must wrap our layers: one idempotent,
+            # uninstallable wrapper that acts only on models holding our layer types
             from ..peft_integration import install_peft_integration
 
-            install_peft_integration()
+            install_peft_integration(process_wide=True)
 
     def prepare_model_for_training(self, model: nn.Module, *, gradient_checkpointing: bool = True,
                                    use_reentrant: bool = False) -> nn.Module:
@@ -464,6 +525,59 @@ class QuantizationAdapter(ABC):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(method={self.config.method.value!r}, bits={self.config.bits}, "
                 f"group_size={self.config.group_size}, backend={self.backend.value!r})")
+
+
+def _hand_float(adapter: QuantizationAdapter, module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Give ``module`` the float tensor ``name`` (see :meth:`QuantizationAdapter.quantize_linear`)."""
+    param = module._parameters.get(name)
+    if param is not None:
+        if param.shape != value.shape:
+            raise ValueError(f"{type(module).__name__}.{name} has shape {tuple(param.shape)}, the float layer's "
+                             f"{tuple(value.shape)}")
+        with torch.no_grad():
+            param.copy_(value)
+        return
+    attr = inspect.getattr_static(type(module), name, None)
+    settable = (isinstance(attr, property) and attr.fset is not None) or name in module._buffers
+    if not settable:
+        raise TypeError(
+            f"{type(adapter).__name__}.quantize_linear: {type(module).__name__} takes no float {name}: give it a "
+            f"load_float_weight(weight, bias) method, a {name!r} parameter or a settable {name!r} property, or "
+            f"implement quantize_linear on {type(adapter).__name__}")
+    with torch.no_grad():
+        setattr(module, name, value)
+
+
+_CREATE_KEYWORDS = ("config", "device", "dtype")
+
+
+def _accept_create_keywords(create: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``create`` unchanged when it takes ``config``, ``device`` and ``dtype``; else a wrapper that
+    applies the missing ones around it (see :class:`QuantizationAdapter`)."""
+    params = inspect.signature(create).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return create
+    missing = [k for k in _CREATE_KEYWORDS if k not in params]
+    if not missing:
+        return create
+
+    @functools.wraps(create)
+    def wrapper(self: QuantizationAdapter, in_features: int, out_features: int, bias: bool = True,
+                **kwargs: Any) -> nn.Module:
+        given = {k: kwargs.pop(k) for k in missing if k in kwargs}
+        config = given.get("config")
+        if config is not None and config._merged({}) != self.config._merged({}):
+            raise ValueError(
+                f"{type(self).__name__}.create_quantized_linear takes no config, so it cannot build a layer with "
+                f"config {config._merged({})} (the adapter's is {self.config._merged({})}): add a `config` keyword "
+                f"to it, or drop layer_configs / use a group_size that divides every layer's in_features")
+        device = given.get("device")
+        if device is None:
+            return create(self, in_features, out_features, bias, **kwargs)
+        with torch.device(device):
+            return create(self, in_features, out_features, bias, **kwargs)
+
+    return wrapper
 
 
 def _halvings(group: int) -> list[int]:
