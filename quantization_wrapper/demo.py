@@ -7,6 +7,7 @@ identical), and run a few LoRA steps on the quantized model. No network.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run_demo", "minilm_path", "train_lora_steps", "SENTENCES"]
+__all__ = ["run_demo", "quiet_libraries", "minilm_path", "train_lora_steps", "SENTENCES"]
 
 SENTENCES = [
     "A man is playing a guitar on the stage.",
@@ -112,6 +113,34 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 8, json_output: bool
         ValueError: ``steps`` is not a positive whole number, or ``out_dir`` is the working
             directory (or contains it) or a file.
     """
+    from .checkpoint_dir import check_save_target
+
+    _check_steps(steps)
+    out_dir = Path(out_dir)
+    check_save_target(out_dir, overwrite=overwrite)  # fail now, not after a minute of work
+
+    with quiet_libraries():
+        return _run(out_dir, steps, json_output, overwrite)
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence the libraries' warnings (``UserWarning``, ``FutureWarning``) and transformers'
+    logging below ERROR for the demo's own work; the process's warning filters and transformers'
+    log level are as they were when the block exits, also on an exception."""
+    transformers_logger = logging.getLogger("transformers")
+    level = transformers_logger.level
+    transformers_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        transformers_logger.setLevel(level)
+
+
+def _run(out_dir: Path, steps: int, json_output: bool, overwrite: bool) -> int:
     from transformers import AutoModel, AutoTokenizer
 
     from backend_manager import BackendManager
@@ -125,15 +154,6 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 8, json_output: bool
         validate_quantization_config,
     )
 
-    from .checkpoint_dir import check_save_target
-
-    _check_steps(steps)
-    out_dir = Path(out_dir)
-    check_save_target(out_dir, overwrite=overwrite)  # fail now, not after a minute of work
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     start = time.perf_counter()
     summary: dict = {}
 
@@ -203,9 +223,12 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 8, json_output: bool
     say(f"== 6. QLoRA: {steps} LoRA steps pulling paraphrase embeddings together")
     from peft import LoraConfig, get_peft_model
 
+    from .peft_integration import peft_integration
+
     train_model = adapter.prepare_model_for_training(reloaded, gradient_checkpointing=False)
     base_state = {k: v.clone() for k, v in train_model.state_dict().items()}
-    peft_model = get_peft_model(train_model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    with peft_integration():  # registers the LoRA layers of MLX / quanto layers for this call only
+        peft_model = get_peft_model(train_model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     a = tokenizer([p[0] for p in PAIRS], padding=True, return_tensors="pt")
     b = tokenizer([p[1] for p in PAIRS], padding=True, return_tensors="pt")

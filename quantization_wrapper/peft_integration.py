@@ -21,19 +21,32 @@ This module fills the gaps through peft's own extension points:
 * :func:`prepare_lora_config` registers those modules on a ``LoraConfig`` and widens
   ``target_modules="all-linear"`` to the quantized layers that are not ``nn.Linear`` (HQQ, MLX),
   leaving out the output embedding as peft does.
-* :func:`install_peft_integration` makes plain ``peft.get_peft_model`` / ``PeftModel.from_pretrained``
-  do the same: it wraps peft's ``_maybe_include_all_linear_layers``, which every LoRA injection
-  calls with the config and the model, so the custom modules are registered again whenever an
-  adapter is created or loaded. ``prepare_model_for_training`` installs it; so does any adapter's
-  ``mark_model`` once peft is imported. :func:`load_lora_adapter` does not need it.
+* :func:`peft_integration` is a context manager within which plain ``peft.get_peft_model`` /
+  ``PeftModel.from_pretrained`` / ``add_adapter`` do the same: peft 0.21 has no public hook for
+  either (custom LoRA layers are registered per config, ``_register_custom_module``, and the config
+  of a saved adapter does not keep them; "all-linear" is resolved by the private
+  ``peft.tuners.tuners_utils._maybe_include_all_linear_layers``, which only knows ``nn.Linear`` and
+  ``Conv1D``), so the block wraps that private function, which every LoRA injection calls with the
+  config and the model, and puts peft's own function back when it exits (also on an exception).
+* :func:`install_peft_integration` with ``process_wide=True`` installs the same wrapper for the
+  whole process, for code that calls peft where no ``with`` block fits (idempotent; detectable with
+  :func:`is_peft_integration_installed`; undone by :func:`uninstall_peft_integration`). A model
+  this package quantizes or loads installs it once peft is imported (``mark_model``), because
+  users and TRL call plain ``get_peft_model``; the wrapper changes nothing for models without
+  our layer types.
+
+Without the block, :func:`prepare_lora_config` (on the config, before ``get_peft_model``) and
+:func:`load_lora_adapter` (for a saved adapter) need no patch at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import sys
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +66,9 @@ __all__ = [
     "lora_custom_modules",
     "prepare_lora_config",
     "all_linear_names",
+    "peft_integration",
     "install_peft_integration",
+    "uninstall_peft_integration",
     "is_peft_integration_installed",
     "load_lora_adapter",
 ]
@@ -290,38 +305,31 @@ def _original_include():
     import peft.tuners.tuners_utils as tu
 
     fn = tu._maybe_include_all_linear_layers
-    return getattr(fn, "__wrapped__", fn)
+    return _saved.get("include", fn) if getattr(fn, "_quantization_wrapper", False) else fn
+
+
+_lock = threading.RLock()
+#: how many ``with peft_integration()`` blocks are open, and whether a process-wide install holds
+_holders = {"blocks": 0, "process": False}
+_saved: dict[str, Any] = {}  # peft's own function while ours is in place
 
 
 def is_peft_integration_installed() -> bool:
-    """True when peft's LoRA injection goes through :func:`prepare_lora_config`."""
+    """True while peft's LoRA injection goes through :func:`prepare_lora_config` (inside a
+    :func:`peft_integration` block, or after ``install_peft_integration(process_wide=True)``)."""
     tu = sys.modules.get("peft.tuners.tuners_utils")
     return tu is not None and getattr(tu._maybe_include_all_linear_layers, "_quantization_wrapper", False)
 
 
-def install_peft_integration() -> bool:
-    """Route every LoRA injection of peft through :func:`prepare_lora_config` (idempotent).
-
-    peft calls ``peft.tuners.tuners_utils._maybe_include_all_linear_layers(config, model)`` each
-    time it adds an adapter (``get_peft_model``, ``add_adapter``, ``PeftModel.from_pretrained``);
-    the wrapper prepares the config first, then calls peft's function. Configs of other PEFT
-    methods pass through unchanged.
-
-    Returns:
-        ``True`` when installed (now or before), ``False`` when peft is not installed or its
-        internals changed (a warning says so; :func:`prepare_lora_config` still works).
-    """
+def _wrap(tu) -> bool:
+    """Put the wrapper in place unless it is there; ``False`` when peft's internals changed."""
     if is_peft_integration_installed():
         return True
-    try:
-        import peft.tuners.tuners_utils as tu
-    except ImportError:
-        return False
     original = getattr(tu, "_maybe_include_all_linear_layers", None)
     if original is None:
         warnings.warn("this peft version has no _maybe_include_all_linear_layers; call "
                       "quantization_wrapper.prepare_lora_config(lora_config, model) before get_peft_model",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
         return False
 
     @functools.wraps(original)
@@ -330,16 +338,100 @@ def install_peft_integration() -> bool:
         return original(peft_config, model)
 
     include_quantized_layers._quantization_wrapper = True
+    _saved["include"] = original
     tu._maybe_include_all_linear_layers = include_quantized_layers
-    logger.debug("peft LoRA injection now registers the quantized LoRA layers")
     return True
+
+
+def _release() -> None:
+    """Give peft its own function back once no block and no process-wide install holds ours."""
+    if _holders["blocks"] or _holders["process"] or "include" not in _saved:
+        return
+    import peft.tuners.tuners_utils as tu
+
+    original = _saved.pop("include")
+    if getattr(tu._maybe_include_all_linear_layers, "_quantization_wrapper", False):
+        tu._maybe_include_all_linear_layers = original
+    else:  # someone replaced ours in the meantime: theirs stays, and may still call ours
+        warnings.warn("peft's _maybe_include_all_linear_layers was replaced while quantization_wrapper's "
+                      "wrapper was installed; leaving the replacement in place", RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def peft_integration():
+    """Within the block, plain peft (``get_peft_model``, ``PeftModel.from_pretrained``,
+    ``add_adapter``, ``inject_adapter_in_model``) prepares every ``LoraConfig`` with
+    :func:`prepare_lora_config`: the LoRA layers of quanto and MLX layers are registered and
+    ``target_modules="all-linear"`` reaches HQQ and MLX layers.
+
+    peft is restored when the block exits, also on an exception; blocks nest, and a block inside
+    ``install_peft_integration(process_wide=True)`` leaves that install in place. Example::
+
+        with peft_integration():
+            peft_model = get_peft_model(model, LoraConfig(target_modules="all-linear"))
+
+    Yields:
+        ``True`` when the wrapper is active, ``False`` when peft's internals changed (a
+        ``RuntimeWarning`` says so; use :func:`prepare_lora_config` instead).
+    """
+    import peft.tuners.tuners_utils as tu
+
+    with _lock:
+        active = _wrap(tu)
+        _holders["blocks"] += active
+    try:
+        yield active
+    finally:
+        with _lock:
+            _holders["blocks"] -= active
+            _release()
+
+
+def install_peft_integration(*, process_wide: bool = False) -> bool:
+    """Route every LoRA injection of peft through :func:`prepare_lora_config` for the whole process.
+
+    Prefer :func:`peft_integration` (a ``with`` block) or :func:`prepare_lora_config`: this replaces
+    a private peft function until :func:`uninstall_peft_integration`. Without
+    ``process_wide=True`` nothing is changed. ``mark_model`` (every model this package quantizes
+    or loads, once peft is imported) installs it, so that plain ``get_peft_model`` works.
+
+    Args:
+        process_wide: install the wrapper (idempotent; :func:`is_peft_integration_installed`
+            reports it).
+
+    Returns:
+        Whether the wrapper is installed now; ``False`` also when peft is not installed or its
+        internals changed (a warning says so).
+    """
+    if not process_wide:
+        return is_peft_integration_installed()
+    try:
+        import peft.tuners.tuners_utils as tu
+    except ImportError:
+        return False
+    with _lock:
+        if not _wrap(tu):
+            return False
+        if not _holders["process"]:
+            _holders["process"] = True
+            logger.info("peft's _maybe_include_all_linear_layers is wrapped for the whole process "
+                        "(quantization_wrapper.install_peft_integration)")
+    return True
+
+
+def uninstall_peft_integration() -> None:
+    """Undo ``install_peft_integration(process_wide=True)``; open :func:`peft_integration` blocks
+    keep the wrapper until they exit."""
+    with _lock:
+        _holders["process"] = False
+        _release()
 
 
 def load_lora_adapter(model: nn.Module, path: str, *, adapter_name: str = "default", is_trainable: bool = False,
                       **kwargs: Any) -> "PeftModel":
     """``PeftModel.from_pretrained`` for a quantized base, with the custom LoRA layers registered on
     the loaded config (needed for MLX and quanto layers; works whether or not
-    :func:`install_peft_integration` ran).
+    :func:`peft_integration` is active).
 
     Args:
         model: the quantized base model (e.g. from ``load_quantized_model``).

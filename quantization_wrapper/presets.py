@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .config import _LAYER_KEYS as LAYER_CONFIG_KEYS
-from .config import QuantizationConfig, QuantizationMethod, register_config
+from .config import QuantizationConfig, QuantizationMethod, list_configs, register_config
 from .patterns import REGEX_PREFIX, validate_pattern
 
 __all__ = [
@@ -255,11 +255,20 @@ def rules_to_layer_configs(rules: Iterable[Any], *, first_match_wins: bool = Tru
 
 
 # ---------------------------------------------------------------------- registration
+def _builtin_presets() -> dict[str, QuantizationConfig]:
+    """The presets this module registers, built fresh on each call (nothing shared is mutated)."""
+    presets = {f"component_{family}": component_preset(family) for family in ("hqq", "mlx", "bnb", "quanto")}
+    presets.update({f"adaptive_{family}": adaptive_preset(family) for family in ("hqq", "mlx", "bnb")})
+    return presets
+
+
 def _register_presets() -> None:
-    for family in ("hqq", "mlx", "bnb", "quanto"):
-        register_config(f"component_{family}", component_preset(family), overwrite=True)
-    for family in ("hqq", "mlx", "bnb"):
-        register_config(f"adaptive_{family}", adaptive_preset(family), overwrite=True)
+    # Never ``overwrite``: a preset of the same name registered before this module was imported
+    # (or re-imported) is the user's and stays as it is.
+    registered = set(list_configs())
+    for name, config in _builtin_presets().items():
+        if name not in registered:
+            register_config(name, config)
 
 
 _register_presets()

@@ -196,7 +196,7 @@ def prepare_model_for_training(model: nn.Module, adapter: QuantizationAdapter | 
     if _needs_peft_integration(layers) and importlib.util.find_spec("peft") is not None:
         from .peft_integration import install_peft_integration
 
-        install_peft_integration()
+        install_peft_integration(process_wide=True)
     model.is_prepared_for_training = True
     return model
 

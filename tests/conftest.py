@@ -1,7 +1,25 @@
-"""Shared fixtures: small models built from code, and a registry that tests may change safely."""
+"""Shared fixtures: small models built from code, and a registry that tests may change safely.
+
+Also a guard against a broken install hiding as skips: a test (or module) skipped by
+``pytest.importorskip`` of a library the test extras install (bitsandbytes, hqq, optimum.quanto,
+mlx on Linux and Apple arm64, peft, transformers, accelerate, trl, datasets, mlx_lm, safetensors)
+fails the session, naming the module and its import error. Other skips (no CUDA, running as root,
+an optional demo checkpoint) stay skips.
+
+Environment variables:
+    QW_ALLOW_MISSING_BACKENDS=1: allow such skips, for a partial install.
+    QW_REQUIRED_TEST_MODULES=a,b.c: replace the list of required modules (a module counts when it
+        is one of them or inside one); for testing the guard itself.
+"""
 
 from __future__ import annotations
 
+import importlib
+import linecache
+import os
+import platform
+import re
+import sys
 import warnings
 
 import pytest
@@ -84,3 +102,90 @@ def quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+# ---------------------------------------------------------------------- required libraries
+_REQUIRED_TEST_MODULES = ("bitsandbytes", "hqq", "optimum.quanto", "peft", "transformers", "accelerate", "trl",
+                          "datasets", "safetensors")
+_MLX_MODULES = ("mlx", "mlx_lm")  # installed by the extras on Linux and Apple arm64 only
+_DEFAULT_REASON = re.compile(r"^could not import '([\w.]+)'|^module '([\w.]+)' has __version__")
+_IMPORTORSKIP_CALL = re.compile(r"importorskip\(\s*(?:modname\s*=\s*)?[\"']([\w.]+)[\"']")
+
+
+def required_test_modules() -> tuple[str, ...]:
+    """The modules whose importorskip-skip fails the session (``QW_REQUIRED_TEST_MODULES`` overrides)."""
+    override = os.environ.get("QW_REQUIRED_TEST_MODULES")
+    if override is not None:
+        return tuple(name.strip() for name in override.split(",") if name.strip())
+    mlx = sys.platform == "linux" or (sys.platform == "darwin" and platform.machine() == "arm64")
+    return _REQUIRED_TEST_MODULES + (_MLX_MODULES if mlx else ())
+
+
+def _skipped_import(report) -> tuple[str, str, str] | None:
+    """``(module, location, reason)`` when ``report`` is a skip raised by ``pytest.importorskip``.
+
+    The default reason names the module; a custom reason does not, so the skip's location (the
+    line that called importorskip: pytest hides importorskip's own frame) is read instead.
+    """
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return None
+    path, lineno, reason = report.longrepr
+    reason = reason.removeprefix("Skipped: ")
+    match = _DEFAULT_REASON.match(reason)
+    if match is None and lineno is not None:
+        match = _IMPORTORSKIP_CALL.search(linecache.getline(str(path), lineno))
+    if match is None:
+        return None
+    module = next(group for group in match.groups() if group)
+    return module, f"{path}:{lineno}", reason
+
+
+def _import_error(module: str) -> str:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure is the answer here
+        return f"{type(e).__name__}: {e}"
+    return "imports now (was it missing in a worker or an older version?)"
+
+
+class _MissingLibraryGuard:
+    """Collects importorskip-skips of required modules; fails the session when there are any."""
+
+    def __init__(self):
+        self.missing: dict[str, tuple[str, str]] = {}  # module -> (location, reason) of its first skip
+        self.required = required_test_modules()
+        self.allowed = os.environ.get("QW_ALLOW_MISSING_BACKENDS") == "1"
+
+    def _record(self, report) -> None:
+        found = _skipped_import(report)
+        if found is None:
+            return
+        module, location, reason = found
+        if any(module == name or module.startswith(name + ".") for name in self.required):
+            self.missing.setdefault(module, (location, reason))
+
+    def pytest_collectreport(self, report):
+        self._record(report)
+
+    def pytest_runtest_logreport(self, report):
+        self._record(report)
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if self.missing and not self.allowed and exitstatus in (pytest.ExitCode.OK,
+                                                                 pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if not self.missing or self.allowed:
+            return
+        terminalreporter.section("missing test libraries", sep="=", red=True, bold=True)
+        terminalreporter.line("tests were skipped because a library the test extras install cannot be imported:",
+                              red=True)
+        for module, (location, reason) in sorted(self.missing.items()):
+            terminalreporter.line(f"  {module} ({location}: {reason}): {_import_error(module)}", red=True)
+        terminalreporter.line("Install the extras (pip install -e '.[all,test]'), or set "
+                              "QW_ALLOW_MISSING_BACKENDS=1 to accept the skips for a partial install.", red=True)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_MissingLibraryGuard(), "qw-missing-library-guard")

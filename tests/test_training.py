@@ -38,6 +38,8 @@ from quantization_wrapper.peft_integration import (  # noqa: E402
     install_peft_integration,
     is_peft_integration_installed,
     load_lora_adapter,
+    peft_integration,
+    uninstall_peft_integration,
 )
 from quantization_wrapper.training import quantized_layers  # noqa: E402
 
@@ -102,7 +104,8 @@ def _train(method: str, targets, tmp: Path) -> Run:
     save_quantized_model(model, run.base_dir)
     run.before = _base_snapshot(model, adapter)
     model = adapter.prepare_model_for_training(model)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    with peft_integration():
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
     run.wrapped = {name: type(m).__name__ for name, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.cat(rank_batches())
@@ -167,7 +170,8 @@ def test_quantized_base_is_bit_identical_after_training(run):
 
 def test_adapter_reloads_on_a_freshly_loaded_base_exactly(run):
     base = load_quantized_model(run.base_dir)
-    reloaded = PeftModel.from_pretrained(base, run.adapter_dir)
+    with peft_integration():
+        reloaded = PeftModel.from_pretrained(base, run.adapter_dir)
     with torch.no_grad():
         logits = reloaded(input_ids=_probe()).logits
         short = reloaded(input_ids=_probe()[:1, :4]).logits
@@ -220,7 +224,8 @@ def test_prepare_in_bfloat16_upcasts_only_the_small_parameters(method):
     assert model.lm_head.weight.dtype == torch.float32  # skipped by default: a float layer
     assert {n: {p.dtype for p in m.parameters()} for n, m in quantized_layers(model).items()} == dtypes
     assert all(not p.requires_grad for p in model.parameters())
-    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
+    with peft_integration():
+        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.cat(rank_batches())
     losses = []
@@ -241,7 +246,7 @@ def test_all_linear_reaches_quantized_layers_that_are_not_nn_linear(method):
 
     adapter = create_quantization_adapter("cpu", QuantizationConfig(method=method, skip_modules=[]))
     model = adapter.prepare_model_for_training(adapter.quantize_model(build_model()))
-    peft_own = _maybe_include_all_linear_layers.__wrapped__(LoraConfig(target_modules="all-linear"), model)
+    peft_own = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model)
     assert not peft_own.target_modules  # peft alone finds none of them
     names = all_linear_names(model)
     assert len(names) == N_LAYERS and "lm_head" not in names  # quantized here, but the output head
@@ -254,7 +259,8 @@ def test_peft_merge_and_unload_requantizes_correctly(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
     model = adapter.prepare_model_for_training(adapter.quantize_model(model))
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    with peft_integration():
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
     x = torch.randn(5, 64)
     with torch.no_grad():
         expected = peft_model(x)
@@ -271,24 +277,53 @@ def test_peft_merge_and_unload_requantizes_correctly(method):
     assert error < 0.25 * lora_effect, (error, lora_effect)
 
 
-def test_install_peft_integration_is_idempotent():
+def test_install_peft_integration_is_opt_in_idempotent_and_reversible():
     from peft.tuners import tuners_utils
 
-    assert install_peft_integration() and install_peft_integration()
-    assert is_peft_integration_installed()
-    wrapper = tuners_utils._maybe_include_all_linear_layers
-    assert not getattr(wrapper.__wrapped__, "_quantization_wrapper", False)  # wrapped once, not twice
+    original = tuners_utils._maybe_include_all_linear_layers
+    assert not install_peft_integration()  # without process_wide=True: nothing changes
+    assert tuners_utils._maybe_include_all_linear_layers is original
+    try:
+        assert install_peft_integration(process_wide=True) and install_peft_integration(process_wide=True)
+        assert is_peft_integration_installed()
+        wrapper = tuners_utils._maybe_include_all_linear_layers
+        assert wrapper.__wrapped__ is original  # wrapped once, not twice
+        with peft_integration():  # a block inside the process-wide install leaves it in place
+            assert tuners_utils._maybe_include_all_linear_layers is wrapper
+        assert tuners_utils._maybe_include_all_linear_layers is wrapper
+    finally:
+        uninstall_peft_integration()
+    assert tuners_utils._maybe_include_all_linear_layers is original
+    assert not is_peft_integration_installed()
+
+
+def test_peft_integration_block_restores_peft_also_on_error():
+    from peft.tuners import tuners_utils
+
+    original = tuners_utils._maybe_include_all_linear_layers
+    with pytest.raises(RuntimeError, match="boom"):
+        with peft_integration() as active:
+            assert active and is_peft_integration_installed()
+            with peft_integration():  # nested
+                pass
+            assert is_peft_integration_installed()
+            raise RuntimeError("boom")
+    assert tuners_utils._maybe_include_all_linear_layers is original
 
 
 def test_fresh_process_reloads_an_mlx_adapter_with_plain_peft(tmp_path):
     """A new process that imports peft, loads the quantized base and calls plain
-    ``PeftModel.from_pretrained``: the MLX LoRA layer is registered again on load."""
+    ``PeftModel.from_pretrained`` inside ``peft_integration()``: the MLX LoRA layer is registered
+    again on load."""
     run = _train("mlx_int4", TARGETS, tmp_path)
     script = (
         "import sys, torch; sys.path.insert(0, 'tests')\n"
         "from peft import PeftModel\n"
         "from quantization_wrapper import load_quantized_model\n"
-        f"m = PeftModel.from_pretrained(load_quantized_model({str(run.base_dir)!r}), {str(run.adapter_dir)!r})\n"
+        "from quantization_wrapper.peft_integration import peft_integration\n"
+        f"base = load_quantized_model({str(run.base_dir)!r})\n"
+        "with peft_integration():\n"
+        f"    m = PeftModel.from_pretrained(base, {str(run.adapter_dir)!r})\n"
         "ids = torch.arange(2 * 16).remainder(101).reshape(2, 16)\n"
         f"torch.save(m(input_ids=ids).logits.detach(), {str(tmp_path / 'logits.pt')!r})\n"
     )

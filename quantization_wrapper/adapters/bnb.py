@@ -37,6 +37,7 @@ rejected.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -153,10 +154,23 @@ def _bnb():
                           "`pip install 'bitsandbytes>=0.48'` (CPU support needs >= 0.48)") from e
     finally:
         cpu_ops_logger.removeFilter(quiet)
-    # LLM.int8() logs "inputs will be cast ... to float16" on *every* forward with non-fp16 inputs;
-    # say it once per process instead of flooding training logs.
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once("inputs will be cast"))
     return bitsandbytes
+
+
+@contextlib.contextmanager
+def _cast_message_once():
+    """LLM.int8() logs "inputs will be cast ... to float16" on *every* forward with non-fp16 inputs;
+    our int8 layers say it once per process instead of flooding training logs. The filter sits on
+    bitsandbytes' logger only during their forward, so the user's logging is otherwise untouched."""
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    added = _CAST_ONCE not in log.filters  # a nested forward leaves the outer one's filter alone
+    if added:
+        log.addFilter(_CAST_ONCE)
+    try:
+        yield
+    finally:
+        if added:
+            log.removeFilter(_CAST_ONCE)
 
 
 @functools.cache
@@ -180,6 +194,10 @@ def _layer_classes() -> tuple[type, type]:
 
     class Linear8bitLt(bnb.nn.Linear8bitLt):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with _cast_message_once():
+                return self._forward(x)
+
+        def _forward(self, x: torch.Tensor) -> torch.Tensor:
             dtype = autocast_dtype(x)
             if dtype is None:
                 return super().forward(x)
@@ -226,6 +244,9 @@ class _Once(logging.Filter):
             return True
         first, self.seen = not self.seen, True
         return first
+
+
+_CAST_ONCE = _Once("inputs will be cast")
 
 
 def _option_problems(config: QuantizationConfig) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:

@@ -34,6 +34,7 @@ REL_ERROR_BOUND = {"bnb_nf4": 0.12, "bnb_fp4": 0.14, "bnb_int8": 0.02}
 SHAPES = [(64, 128), (100, 48), (256, 256)]  # (in_features, out_features); 100 is not a multiple of 64
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOGITS_COSINE_BOUND = 0.98
+INT8_EVAL_VS_TRAIN_BOUND = 0.012
 
 
 def adapter_for(method: str, **fields) -> BitsAndBytesAdapter:
@@ -207,7 +208,14 @@ def test_eval_mode_matches_bitsandbytes_and_keeps_the_layer_unchanged(method):
         y = layer(x)
         assert torch.equal(y, ref(x))
         assert torch.equal(layer(x), y)
-        assert torch.equal(layer.train()(x), y) or method == "bnb_int8"  # int8 eval also quantizes x
+        y_train = layer.train()(x)
+        assert torch.equal(y_train, ref.train()(x))
+    if method == "bnb_int8":
+        # int8 eval also quantizes x; train mode keeps it in 16 bits: the two differ only by that
+        # rounding (measured 0.0056-0.0072 over 5 seeds)
+        assert 0 < rel_error(y_train, y) < INT8_EVAL_VS_TRAIN_BOUND
+    else:
+        assert torch.equal(y_train, y)
     assert adapter.module_nbytes(layer) == nbytes
     if method != "bnb_int8":
         assert layer.weight.quant_state.nested

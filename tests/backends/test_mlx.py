@@ -70,10 +70,12 @@ def mlx_usable() -> bool:
 
 @pytest.fixture
 def mx():
-    """``mlx.core``, skipping the test where MLX cannot run."""
+    """``mlx.core``, skipping the test where MLX cannot run (a missing install fails the session
+    where the extras install mlx: see tests/conftest.py)."""
+    core = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install \"mlx[cpu]\")")
     if not mlx_usable():
         pytest.skip(f"mlx cannot run here: {get_library_status('mlx', 'cpu')}")
-    return pytest.importorskip("mlx.core", reason="mlx is not installed (pip install \"mlx[cpu]\")")
+    return core
 
 
 def make_linear(in_features: int, out_features: int, bias: bool = True,
@@ -659,10 +661,20 @@ os._exit(0)
 '''
 
 
-def test_to_mx_leaves_torch_storage_resizable(mx):
-    t = torch.randn(8, 64)
-    to_mx(mx, t)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_to_mx_leaves_torch_storage_resizable(mx, dtype):
+    """``_to_mx`` copies: the torch storage can still be freed and regrown (as FSDP does with
+    unsharded parameters), and the MLX array keeps the original bits through both."""
+    t = torch.randn(8, 64).to(dtype)
+    expected = t.clone()
+    array = to_mx(mx, t)
+    assert array.shape == (8, 64) and array.nbytes == t.numel() * t.element_size()
     t.untyped_storage().resize_(0)  # FSDP frees unsharded parameters this way
+    assert t.untyped_storage().nbytes() == 0
+    assert same_bits(to_torch(mx, array), expected)
+    t.untyped_storage().resize_(expected.numel() * expected.element_size())  # and regrows them
+    t.copy_(torch.zeros_like(expected))
+    assert same_bits(to_torch(mx, array), expected)
 
 
 def test_fsdp2_shards_and_trains_on_cpu(mx, tmp_path):
