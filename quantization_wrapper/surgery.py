@@ -91,6 +91,17 @@ class QuantizationPlan:
     method: str
     layers: list[LayerPlan] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    #: Parameters of more than FLOAT_REPORT_MIN elements that stay in full precision, outside the
+    #: linear layers' plan: ``{"name", "shape", "numel", "reason"}`` (embeddings, fused experts, ...).
+    float_parameters: list[dict[str, Any]] = field(default_factory=list)
+    #: Parameters of the model (each tensor once) and those stored quantized.
+    total_parameters: int = 0
+    quantized_parameters: int = 0
+
+    @property
+    def quantized_share(self) -> float:
+        """Share of the model's parameters stored quantized (NaN when unknown)."""
+        return self.quantized_parameters / self.total_parameters if self.total_parameters else float("nan")
 
     @property
     def quantized(self) -> list[LayerPlan]:
@@ -127,12 +138,17 @@ class QuantizationPlan:
         raise KeyError(f"no layer named {name!r} in the plan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "config": self.config, "layers": [asdict(l) for l in self.layers]}
+        return {"method": self.method, "config": self.config, "layers": [asdict(l) for l in self.layers],
+                "float_parameters": [dict(p) for p in self.float_parameters],
+                "total_parameters": self.total_parameters, "quantized_parameters": self.quantized_parameters}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantizationPlan":
         return cls(method=data["method"], config=dict(data.get("config", {})),
-                   layers=[LayerPlan(**layer) for layer in data["layers"]])
+                   layers=[LayerPlan(**layer) for layer in data["layers"]],
+                   float_parameters=[dict(p) for p in data.get("float_parameters", [])],
+                   total_parameters=int(data.get("total_parameters", 0)),
+                   quantized_parameters=int(data.get("quantized_parameters", 0)))
 
     def table(self, max_rows: int | None = None) -> str:
         """The plan as an aligned text table, with a total line."""
@@ -155,6 +171,12 @@ class QuantizationPlan:
         lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} skipped; linear layers "
                      f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
                      f"({ratio:.2f}x smaller, {self.bits_per_weight:.3f} bits/weight quantized)")
+        if self.total_parameters:
+            lines.append(f"{100 * self.quantized_share:.1f}% of the model's {self.total_parameters:,} parameters "
+                         f"quantized" + ("; in full precision besides skipped layers: " + ", ".join(
+                             f"{p['name']} {tuple(p['shape'])} ({p['reason']})" for p in self.float_parameters[:5])
+                             + (f" and {len(self.float_parameters) - 5} more" if len(self.float_parameters) > 5 else "")
+                             if self.float_parameters else ""))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -420,6 +442,12 @@ def record_plan(model: nn.Module, adapter: QuantizationAdapter, decisions: list[
     if previous is not None:  # a second pass over a partly quantized model: keep both records
         known = {l.name for l in plan.layers}
         plan.layers = [l for l in previous.layers if l.name not in known] + plan.layers
+    _count_parameters(model, plan)
+    if plan.converted and warn_if_unchanged and plan.quantized_share < 0.5:
+        warnings.warn(f"only {100 * plan.quantized_share:.0f}% of the model's {plan.total_parameters:,} parameters "
+                      f"are quantized; in full precision: " + (", ".join(
+                          f"{p['name']} ({p['reason']})" for p in plan.float_parameters[:5]) or "small tensors")
+                      + " (model.quantization_plan lists them)", stacklevel=3)
     model.quantization_plan = plan
     model.quantization_config = config
     used = {l.method for l in plan.converted} - {config.method.value}
@@ -427,6 +455,47 @@ def record_plan(model: nn.Module, adapter: QuantizationAdapter, decisions: list[
         adapter.for_method(method).mark_model(model)
     adapter.mark_model(model)  # ... then the main method's, which wins for shared attributes
     return plan
+
+
+#: Parameters larger than this that stay in float are listed in the plan by name.
+FLOAT_REPORT_MIN = 1_000_000
+
+
+def _count_parameters(model: nn.Module, plan: QuantizationPlan) -> None:
+    """Fill the plan's parameter accounting: every parameter once (tied ones too), the converted
+    layers' weights as quantized (``float`` status: as float), the rest listed when large."""
+    converted = {l.name: l for l in plan.layers if l.status != "skipped"}
+    skipped = {l.name: l.reason for l in plan.layers if l.status == "skipped"}
+    total = sum(l.numel for l in plan.quantized)
+    quantized = total
+    seen: set[int] = set()
+    floats = []
+    for module_name, module in model.named_modules():
+        if module_name in converted:
+            if converted[module_name].status == "float":
+                total += converted[module_name].numel
+            continue
+        if any(module_name.startswith(c + ".") for c in converted):
+            continue
+        for attr, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if p.numel() <= FLOAT_REPORT_MIN:
+                continue
+            if module_name in skipped:
+                reason = skipped[module_name] or "skipped"
+            elif p.dim() == 3:
+                reason = "fused expert parameter (3-D, not nn.Linear): not quantized yet"
+            elif isinstance(module, nn.Embedding):
+                reason = "embedding"
+            else:
+                reason = f"{type(module).__name__} is not a linear layer"
+            floats.append({"name": f"{module_name}.{attr}" if module_name else attr,
+                           "shape": list(p.shape), "numel": p.numel(), "reason": reason})
+    plan.total_parameters, plan.quantized_parameters = total, quantized
+    plan.float_parameters = sorted(floats, key=lambda f: -f["numel"])
 
 
 def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter,

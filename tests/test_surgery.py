@@ -229,3 +229,40 @@ def test_quantizing_a_tied_lm_head_says_it_unties():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         kept.quantize_model(LlamaForCausalLM(model.config))  # lm_head skipped by default: no warning
+
+
+def test_weights_left_in_float_are_reported_and_warned_about():
+    """Fused MoE experts (3-D parameters, not nn.Linear) stay in float: the plan names every
+    parameter over 1M elements kept in float, the share quantized, and quantize_model warns."""
+    import warnings
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from quantization_wrapper import QuantizationConfig, create_quantization_adapter
+
+    model = MixtralForCausalLM(MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                                             num_local_experts=8))
+    total = sum(p.numel() for p in model.parameters())
+    adapter = create_quantization_adapter("cpu", QuantizationConfig(method="hqq", bits=4, group_size=64))
+    with pytest.warns(UserWarning, match=r"only 5% of the model's .* parameters are quantized.*fused expert"):
+        adapter.quantize_model(model)
+    plan = model.quantization_plan
+    assert plan.total_parameters == total
+    assert plan.quantized_parameters == sum(l.numel for l in plan.quantized)
+    assert abs(plan.quantized_share - plan.quantized_parameters / total) < 1e-12 and plan.quantized_share < 0.06
+    names = {p["name"]: p for p in plan.float_parameters}
+    assert {f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("gate_up_proj", "down_proj")} <= set(names)
+    assert all(p["numel"] > 1_000_000 for p in plan.float_parameters)
+    assert "fused expert" in names["model.layers.0.mlp.experts.down_proj"]["reason"]
+    assert "5.5% of the model's" in plan.table()
+    back = type(plan).from_dict(plan.to_dict())
+    assert back.float_parameters == plan.float_parameters and back.total_parameters == total
+    with warnings.catch_warnings():  # a dense model quantizes most of its weights: no warning
+        warnings.simplefilter("error", UserWarning)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        dense = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+        adapter.quantize_model(dense)
+    assert dense.quantization_plan.quantized_share > 0.5
