@@ -1175,6 +1175,11 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
             before_filling()
             # Their tensor work is a chain of memory-bound ops: two layers side by side on one
             # core each beat one layer on two cores (as when streaming).
+            # The first layer is restored here: a library's first use compiles code lazily, and
+            # CPython 3.11 compiling in two threads at once fails ("AST constructor recursion depth
+            # mismatch", seen with quanto); the others then run side by side.
+            first = deferred.pop(0)
+            fill(*first, filled=restore(*first[:6]))
             workers = min(len(deferred), 2 if (os.cpu_count() or 1) >= 2 else 1)
             with tensor_worker_pool(workers, "restore") as pool:
                 futures = [pool.submit(restore, *item[:6]) for item in deferred]

@@ -242,8 +242,9 @@ def test_prepare_in_bfloat16_upcasts_only_the_small_parameters(method):
 
 @pytest.mark.parametrize("method", [p for p in PARAMS if p.id in ("hqq", "mlx_int4")])
 def test_all_linear_reaches_quantized_layers_that_are_not_nn_linear(method):
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers as resolver
 
+    _maybe_include_all_linear_layers = getattr(resolver, "__wrapped__", resolver)  # peft's own
     adapter = create_quantization_adapter("cpu", QuantizationConfig(method=method, skip_modules=[]))
     model = adapter.prepare_model_for_training(adapter.quantize_model(build_model()))
     peft_own = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model)
@@ -277,10 +278,12 @@ def test_peft_merge_and_unload_requantizes_correctly(method):
     assert error < 0.25 * lora_effect, (error, lora_effect)
 
 
-def test_install_peft_integration_is_opt_in_idempotent_and_reversible():
+def test_install_peft_integration_is_idempotent_and_reversible():
     from peft.tuners import tuners_utils
 
+    uninstall_peft_integration()  # (our models install it: mark_model)
     original = tuners_utils._maybe_include_all_linear_layers
+    assert getattr(original, "__wrapped__", None) is None
     assert not install_peft_integration()  # without process_wide=True: nothing changes
     assert tuners_utils._maybe_include_all_linear_layers is original
     try:
