@@ -35,6 +35,7 @@ import logging
 import re
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,18 @@ def hf_classes() -> tuple[type, type]:
                 restore.finish(model)
                 model.hf_quantizer = self
                 return model
+            for name in sorted(set(self._loaded) - self._converted):
+                # A tied output layer has no tensor of its own in the checkpoint: transformers tied
+                # it to the input embedding; quantize that copy, as quantize_model does (untied).
+                linear = model.get_submodule(name)
+                if isinstance(linear, nn.Linear) and linear.weight.device.type != "meta" and \
+                        (linear.bias is None or linear.bias.device.type != "meta"):
+                    warnings.warn(f"{name}.weight is tied to the input embedding; quantizing {name} unties them: the "
+                                  f"embedding stays in full precision beside it and saved checkpoints record "
+                                  f"tie_word_embeddings=false. Add {name!r} to skip_modules to keep the tie",
+                                  stacklevel=2)
+                    for attr in ("weight",) + (("bias",) if linear.bias is not None else ()):
+                        self._quantize_arrived(model, name, attr, getattr(linear, attr).detach(), None)
             absent = sorted(set(self._loaded) - self._converted)
             if absent:
                 raise ValueError(f"the checkpoint lacks the weights of layers {absent[:5]}"

@@ -256,3 +256,20 @@ with torch.no_grad():
 assert type(r.model.layers[0].self_attn.q_proj).__name__ == "HQQLinear"
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_from_pretrained_quantizes_a_tied_output_layer_from_the_embedding(tmp_path):
+    """A tied checkpoint has no lm_head.weight: with lm_head not skipped, from_pretrained quantizes
+    the embedding's values for it, as quantize_model does, says it unties them, and round-trips."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**CFG, tie_word_embeddings=True)).save_pretrained(tmp_path / "hf")
+    config = qw.QuantizationConfig(method="hqq", bits=4, group_size=32, skip_modules=[])
+    reference = qw.create_quantization_adapter("cpu", config).quantize_model(
+        LlamaForCausalLM.from_pretrained(tmp_path / "hf"))
+    with pytest.warns(UserWarning, match="lm_head.weight is tied to the input embedding; quantizing lm_head unties"):
+        ours = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", quantization_config=config)
+    assert type(ours.lm_head).__name__ == "HQQLinear"
+    assert not [k for k in ours.lm_head.state_dict() if k == "weight"]
+    assert torch.equal(logits(ours), logits(reference))
+    ours.save_pretrained(tmp_path / "rt")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "rt")), logits(reference))
