@@ -493,14 +493,15 @@ def _exact_tinygemm_shifts(weight: torch.Tensor, scale: torch.Tensor, shift: tor
     return shift
 
 
-_TEMPLATE_LOCK = threading.Lock()
+_TEMPLATE_LOCK = threading.RLock()  # held around every QTensor rebuild in restore (see below)
 
 
 @functools.lru_cache(maxsize=256)
 def _frozen_meta_template(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                           method: QuantizationMethod) -> nn.Module:
-    # One at a time: quanto's first freeze compiles its ops, and CPython 3.11 builds ASTs
-    # non-reentrantly ("AST constructor recursion depth mismatch" seen with two restore threads).
+    # One at a time: quanto rebuilds QTensors through ast.literal_eval (detach, clone, deepcopy,
+    # freeze), and CPython 3.11 parses non-reentrantly ("AST constructor recursion depth mismatch"
+    # with two restore threads).
     with _TEMPLATE_LOCK:
         qlinear = _quanto_linear_class()(in_features, out_features, bias, device="meta", dtype=dtype,
                                          weights=_qtype(method))
@@ -522,7 +523,8 @@ def _frozen_state_layout(in_features: int, out_features: int, bias: bool, dtype:
                          method: QuantizationMethod) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """``{key: (dtype, shape)}`` of a frozen layer's state dict."""
     template = _frozen_meta_template(in_features, out_features, bias, dtype, method)
-    return {k: (v.dtype, tuple(v.shape)) for k, v in template.state_dict().items()}
+    with _TEMPLATE_LOCK:  # state_dict() detaches QTensors: ast.literal_eval inside quanto
+        return {k: (v.dtype, tuple(v.shape)) for k, v in template.state_dict().items()}
 
 
 @register_adapter(M.QUANTO_INT2, M.QUANTO_INT4, M.QUANTO_INT8, M.QUANTO_FP8)
@@ -684,7 +686,9 @@ class QuantoAdapter(QuantizationAdapter):
         dtype = config.compute_dtype or dtype or torch.get_default_dtype()
         # Freezing runs quanto's quantization on meta tensors (~10 ms of Python per layer): do it
         # once per shape and copy the template (quantized tensor types and shapes, no data).
-        qlinear = copy.deepcopy(_frozen_meta_template(in_features, out_features, bool(bias), dtype, config.method))
+        template = _frozen_meta_template(in_features, out_features, bool(bias), dtype, config.method)
+        with _TEMPLATE_LOCK:  # copying QTensors runs quanto's ast.literal_eval: one thread at a time (see above)
+            qlinear = copy.deepcopy(template)
         if device.type != "meta":
             qlinear.weight = nn.Parameter(_map_leaves(qlinear.weight, lambda t: torch.empty_like(t, device=device)))
             if bias:
@@ -749,18 +753,22 @@ class QuantoAdapter(QuantizationAdapter):
             if {k: tuple(v.shape) for k, v in state.items()} == expected:
                 weight = _tinygemm_weight(_qtype(config.method), 128, torch.Size((out_features, in_features)),
                                           (in_features, 1), data, scale, shift)
-                if weight is not None:
-                    qlinear = _quanto_linear_class()(in_features, out_features, bias, device="meta", dtype=dtype,
-                                                     weights=_qtype(config.method))
-                    qlinear.weight = nn.Parameter(weight, requires_grad=False)
-                    if bias:
-                        qlinear.bias = nn.Parameter(state["bias"])
-                    qlinear.input_scale = state["input_scale"]
-                    qlinear.output_scale = state["output_scale"]
+                if weight is not None:  # the regroup above runs in parallel; QTensor handling below does not
+                    with _TEMPLATE_LOCK:
+                        qlinear = _quanto_linear_class()(in_features, out_features, bias, device="meta",
+                                                         dtype=dtype, weights=_qtype(config.method))
+                        qlinear.weight = nn.Parameter(weight, requires_grad=False)
+                        if bias:
+                            qlinear.bias = nn.Parameter(state["bias"])
+                        qlinear.input_scale = state["input_scale"]
+                        qlinear.output_scale = state["output_scale"]
                     return qlinear
-        empty = self.create_quantized_linear(in_features, out_features, bias, config=config, device="meta",
-                                             dtype=dtype)
-        return self.load_layer_state(empty, state)
+        # quanto rebuilds QTensors through ast.literal_eval (detach, deepcopy, load_state_dict), which
+        # CPython 3.11 cannot run in two threads at once: these restores are cheap, one at a time.
+        with _TEMPLATE_LOCK:
+            empty = self.create_quantized_linear(in_features, out_features, bias, config=config, device="meta",
+                                                 dtype=dtype)
+            return self.load_layer_state(empty, state)
 
     def load_layer_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         """Fill a layer from :meth:`create_quantized_linear` with :meth:`layer_state_dict` output
