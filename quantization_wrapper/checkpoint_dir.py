@@ -185,17 +185,12 @@ def _foreign(directory: Path, written: Iterable[str] | None = None) -> list[str]
 
 
 def _is_our_single_file(path: Path) -> bool:
+    from safetensors import safe_open
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                return False
-            n = int.from_bytes(head, "little")
-            if n > 100 * 2**20:
-                return False
-            header = json.loads(f.read(n))
-        return "quantization_wrapper" in (header.get("__metadata__") or {})
-    except (OSError, ValueError, AttributeError):
+        with safe_open(str(path), framework="pt") as f:
+            return "quantization_wrapper" in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all (safetensors raises its own error type)
         return False
 
 
