@@ -8,11 +8,15 @@ Set ``$QUANTIZATION_WRAPPER_BACKEND`` to override detection.
 from .backend import BACKEND_ENV_VAR, Backend, available_backends, clear_caches, detect_backend
 from .capabilities import BackendCapabilities
 from .imports import (
+    KNOWN_LIBRARIES,
+    LibrarySpec,
     LibraryStatus,
     get_import_status,
     get_library_status,
     is_library_usable,
+    register_library,
     report_import_status,
+    unregister_library,
 )
 from .manager import BackendManager
 
@@ -21,6 +25,8 @@ __all__ = [
     "Backend",
     "BackendCapabilities",
     "BackendManager",
+    "KNOWN_LIBRARIES",
+    "LibrarySpec",
     "LibraryStatus",
     "available_backends",
     "clear_caches",
@@ -28,5 +34,7 @@ __all__ = [
     "get_import_status",
     "get_library_status",
     "is_library_usable",
+    "register_library",
     "report_import_status",
+    "unregister_library",
 ]

@@ -8,14 +8,19 @@ the CPU (Apple unified memory), so their figures come from psutil.
 
 from __future__ import annotations
 
+import logging
+
 import platform
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from .backend import Backend, cached
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "register_method_provider",
     "BackendCapabilities",
     "compute_capability",
     "device_name",
@@ -179,11 +184,45 @@ def supports_fsdp(backend: Backend) -> bool:
     return backend is Backend.CPU and distributed_backend(backend) == "gloo"
 
 
-def _usable_methods(backend: Backend) -> list[str]:
-    # Imported here: quantization_wrapper depends on this package, not the other way round.
-    from quantization_wrapper.compatibility import usable_methods
+#: Entry-point group through which packages tell ``capabilities.quantization_methods`` which of
+#: their methods are usable on a backend: each entry is a callable ``(backend) -> [method names]``
+#: (quantization-wrapper declares ``quantization_wrapper.compatibility:usable_methods``). This
+#: package knows the machine and imports none of them: the dependency points up through the entry
+#: point, which is loaded only when capabilities are asked for.
+METHOD_PROVIDERS_GROUP = "backend_manager.method_providers"
 
-    return [str(getattr(m, "value", m)) for m in usable_methods(backend)]
+
+_PROVIDERS: list[Callable[[Backend], Iterable[Any]]] = []
+
+
+def register_method_provider(provider: Callable[[Backend], Iterable[Any]]) -> None:
+    """Add a ``(backend) -> [method names]`` callable to ``capabilities.quantization_methods`` (for a
+    package used without being installed, where its entry point is not visible). Idempotent."""
+    if provider not in _PROVIDERS:
+        _PROVIDERS.append(provider)
+
+
+def _providers() -> list[Callable[[Backend], Iterable[Any]]]:
+    from importlib.metadata import entry_points
+
+    providers = list(_PROVIDERS)
+    for entry in entry_points(group=METHOD_PROVIDERS_GROUP):
+        try:
+            provider = entry.load()
+        except Exception as e:  # a broken plugin must not break device detection
+            logger.warning("method provider %s could not be loaded: %s", entry.value, e)
+            continue
+        if provider not in providers:
+            providers.append(provider)
+    return providers
+
+
+def _usable_methods(backend: Backend) -> list[str]:
+    methods: list[str] = []
+    for provider in _providers():
+        methods.extend(str(getattr(m, "value", m)) for m in provider(backend) if str(getattr(m, "value", m))
+                       not in methods)
+    return methods
 
 
 def get_capabilities(backend: Backend, device_index: int = 0) -> BackendCapabilities:

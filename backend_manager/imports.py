@@ -25,6 +25,8 @@ __all__ = [
     "get_import_status",
     "get_library_status",
     "is_library_usable",
+    "register_library",
+    "unregister_library",
     "report_import_status",
 ]
 
@@ -132,6 +134,25 @@ KNOWN_LIBRARIES: dict[str, LibrarySpec] = {
     "peft": LibrarySpec("peft", "peft", "peft"),
     "transformers": LibrarySpec("transformers", "transformers", "transformers"),
 }
+
+
+def register_library(name: str, spec: LibrarySpec, *, replace: bool = False) -> None:
+    """Add a library to :data:`KNOWN_LIBRARIES` (a backend outside this package declares its own).
+
+    Raises:
+        ValueError: ``name`` is known already (``replace=True`` replaces it) or ``spec`` is not a
+            :class:`LibrarySpec`.
+    """
+    if not isinstance(spec, LibrarySpec):
+        raise ValueError(f"register_library: spec must be a LibrarySpec, got {type(spec).__name__}")
+    if name in KNOWN_LIBRARIES and not replace:
+        raise ValueError(f"library {name!r} is known already; pass replace=True to replace it")
+    KNOWN_LIBRARIES[name] = spec
+
+
+def unregister_library(name: str) -> None:
+    """Forget a library added with :func:`register_library`."""
+    KNOWN_LIBRARIES.pop(name, None)
 
 
 def _library(name: str) -> LibrarySpec:

@@ -204,3 +204,11 @@ __all__ += [
 from .hf_quantizer import register_when_transformers_loads  # noqa: E402
 
 register_when_transformers_loads()
+
+# capabilities.quantization_methods asks the compatibility matrix (also through an entry point, for
+# programs that import only backend_manager)
+from backend_manager.capabilities import register_method_provider  # noqa: E402
+
+from .compatibility import usable_methods as _usable_methods  # noqa: E402
+
+register_method_provider(_usable_methods)

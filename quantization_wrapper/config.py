@@ -10,17 +10,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Iterable, Mapping
 
 import torch
+
+from .methods import METHOD_SPECS, MethodSpec, QuantizationMethod, method_spec
+from .patterns import best_match, validate_pattern
 
 __all__ = [
     "QuantizationMethod",
     "QuantizationConfig",
     "METHOD_SPECS",
+    "bits_per_weight",
+    "TYPICAL_IN_FEATURES",
     "MethodSpec",
     "CONFIG_FORMAT_VERSION",
     "parse_dtype",
@@ -33,85 +36,6 @@ __all__ = [
 
 CONFIG_FORMAT_VERSION = 1
 
-
-class QuantizationMethod(str, Enum):
-    """Weight quantization methods. The value is the lower-case name (``"bnb_nf4"``)."""
-
-    BNB_NF4 = "bnb_nf4"
-    BNB_FP4 = "bnb_fp4"
-    BNB_INT8 = "bnb_int8"
-    HQQ = "hqq"
-    MLX_INT4 = "mlx_int4"
-    MLX_INT8 = "mlx_int8"
-    QUANTO_INT2 = "quanto_int2"
-    QUANTO_INT4 = "quanto_int4"
-    QUANTO_INT8 = "quanto_int8"
-    QUANTO_FP8 = "quanto_fp8"
-    NONE = "none"
-
-    @classmethod
-    def parse(cls, value: "QuantizationMethod | str", field_name: str = "method") -> "QuantizationMethod":
-        """Return the method for an enum member or its (case-insensitive) string value.
-
-        Raises:
-            ValueError: naming ``field_name``, the value and the allowed values.
-        """
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            key = value.strip().lower()
-            for member in cls:
-                if key in (member.value, member.name.lower()):
-                    return member
-        allowed = ", ".join(m.value for m in cls)
-        raise ValueError(f"{field_name}={value!r} is not a quantization method; allowed: {allowed}")
-
-    @property
-    def family(self) -> str:
-        """The library family: ``"bnb"``, ``"hqq"``, ``"mlx"``, ``"quanto"`` or ``"none"``."""
-        return self.value.split("_")[0]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a method allows: the bit widths, group sizes and the library that implements it."""
-
-    library: str | None
-    bits: tuple[int, ...]
-    default_bits: int
-    group_sizes: tuple[int, ...] | None  # None: any positive group size
-    default_group_size: int | None
-    description: str
-    library_required: bool = True  # False: a pure-torch path works without the library
-
-
-# bitsandbytes block sizes for 4-bit: powers of two it has kernels for.
-_BNB_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-METHOD_SPECS: dict[QuantizationMethod, MethodSpec] = {
-    QuantizationMethod.BNB_NF4: MethodSpec("bitsandbytes", (4,), 4, _BNB_BLOCKS, 64,
-                                           "bitsandbytes 4-bit NormalFloat (QLoRA)"),
-    QuantizationMethod.BNB_FP4: MethodSpec("bitsandbytes", (4,), 4, _BNB_BLOCKS, 64,
-                                           "bitsandbytes 4-bit float"),
-    QuantizationMethod.BNB_INT8: MethodSpec("bitsandbytes", (8,), 8, None, None,
-                                            "bitsandbytes LLM.int8() row-wise absmax"),
-    QuantizationMethod.HQQ: MethodSpec("hqq", (1, 2, 3, 4, 8), 4, None, 64,
-                                       "Half-Quadratic Quantization, calibration-free affine"),
-    QuantizationMethod.MLX_INT4: MethodSpec("mlx", (2, 3, 4, 5, 6, 8), 4, (32, 64, 128), 64,
-                                            "MLX affine packed format (mx.quantize)", library_required=False),
-    QuantizationMethod.MLX_INT8: MethodSpec("mlx", (2, 3, 4, 5, 6, 8), 8, (32, 64, 128), 64,
-                                            "MLX affine packed format, 8-bit", library_required=False),
-    QuantizationMethod.QUANTO_INT2: MethodSpec("optimum-quanto", (2,), 2, None, 128,
-                                               "optimum-quanto qint2 weights"),
-    QuantizationMethod.QUANTO_INT4: MethodSpec("optimum-quanto", (4,), 4, None, 128,
-                                               "optimum-quanto qint4 weights"),
-    QuantizationMethod.QUANTO_INT8: MethodSpec("optimum-quanto", (8,), 8, None, None,
-                                               "optimum-quanto qint8 weights, per output channel"),
-    QuantizationMethod.QUANTO_FP8: MethodSpec("optimum-quanto", (8,), 8, None, None,
-                                              "optimum-quanto qfloat8 (e4m3) weights"),
-    QuantizationMethod.NONE: MethodSpec(None, (1, 2, 3, 4, 5, 6, 8, 16, 32), 16, None, None,
-                                        "no quantization (fallback): weights stay in float"),
-}
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -182,7 +106,7 @@ class QuantizationConfig:
 
     def __post_init__(self) -> None:
         self.method = QuantizationMethod.parse(self.method)
-        spec = METHOD_SPECS[self.method]
+        spec = method_spec(self.method)
         self.compute_dtype = parse_dtype(self.compute_dtype, "compute_dtype")
         self.storage_dtype = parse_dtype(self.storage_dtype, "storage_dtype")
         if self.compute_dtype is not None and self.compute_dtype not in _COMPUTE_DTYPES:
@@ -209,22 +133,10 @@ class QuantizationConfig:
         elif spec.group_sizes is not None and self.group_size not in spec.group_sizes:
             raise ValueError(f"group_size={self.group_size} is not valid for method={self.method.value!r}; "
                              f"allowed: {', '.join(map(str, spec.group_sizes))}")
-        elif self.method is QuantizationMethod.HQQ and self.group_size % 8:
-            raise ValueError(f"group_size={self.group_size} is not valid for method='hqq'; it must be a "
-                             f"multiple of 8 (e.g. 32, 64, 128)")
-
-        is_bnb4 = self.method in (QuantizationMethod.BNB_NF4, QuantizationMethod.BNB_FP4)
-        if self.quant_type is not None and self.quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"quant_type={self.quant_type!r} is not valid; allowed: nf4, fp4")
-        if is_bnb4:
-            implied = "fp4" if self.method is QuantizationMethod.BNB_FP4 else "nf4"
-            if self.quant_type not in (None, implied):
-                other = "bnb_fp4" if implied == "nf4" else "bnb_nf4"
-                raise ValueError(f"quant_type={self.quant_type!r} contradicts method={self.method.value!r}; "
-                                 f"use method={other!r} instead")
-            self.quant_type = implied
-            if self.double_quant is None:
-                self.double_quant = True
+        if self.quant_type is not None and not isinstance(self.quant_type, str):
+            raise ValueError(f"quant_type={self.quant_type!r} must be a string or None")
+        if spec.normalize is not None:  # the fields only this method gives meaning to
+            spec.normalize(self)
         if self.double_quant is not None and not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant={self.double_quant!r} must be True, False or None")
         if isinstance(self.skip_modules, str) or not isinstance(self.skip_modules, Iterable):
@@ -238,14 +150,10 @@ class QuantizationConfig:
             raise ValueError(f"backend_options={self.backend_options!r} must be a dict")
         self.backend_options = dict(self.backend_options)
         self.layer_configs = self._validated_layer_configs(self.layer_configs)
-        from .patterns import validate_pattern
-
         for name in self.skip_modules:
             validate_pattern(name, "skip_modules")
 
     def _validated_layer_configs(self, layer_configs: Any) -> dict[str, dict[str, Any]]:
-        from .patterns import validate_pattern
-
         if not isinstance(layer_configs, Mapping):
             raise ValueError(f"layer_configs={layer_configs!r} must be a dict of "
                              f"{{module pattern: {{field: value}}}}")
@@ -267,44 +175,53 @@ class QuantizationConfig:
                 for key in ("compute_dtype", "storage_dtype"):
                     if key in overrides:
                         overrides[key] = parse_dtype(overrides[key], key)
-                self._merged(overrides)
+                self.with_overrides(overrides)
             except ValueError as e:
                 raise ValueError(f"layer_configs[{pattern!r}]: {e}") from e
             result[pattern] = overrides
         return result
 
-    def _merged(self, overrides: Mapping[str, Any]) -> "QuantizationConfig":
+    def with_overrides(self, overrides: Mapping[str, Any] | None = None, /, **fields: Any) -> "QuantizationConfig":
+        """The config of one layer: this config with per-layer ``overrides`` (a ``layer_configs``
+        value, or keyword fields) applied, without ``skip_modules`` and ``layer_configs``. A different
+        ``method`` brings its own default bits, group size and options unless the overrides set them,
+        and drops another library's ``backend_options``.
+
+        Raises:
+            ValueError: an override is not a per-layer field, or the result is not a valid config.
+        """
+        overrides = {**(overrides or {}), **fields}
+        unknown = sorted(set(overrides) - set(_LAYER_KEYS))
+        if unknown:
+            raise ValueError(f"with_overrides: unknown per-layer fields {unknown}; allowed: {', '.join(_LAYER_KEYS)}")
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values.update(skip_modules=[], layer_configs={})
         if "method" in overrides and QuantizationMethod.parse(overrides["method"]) is not self.method:
             # A different method brings its own defaults unless the override sets them.
             method = QuantizationMethod.parse(overrides["method"])
             values.update(bits=None, group_size=None, quant_type=None, double_quant=None)
-            if METHOD_SPECS[method].library != METHOD_SPECS[self.method].library:
+            if method_spec(method).library != method_spec(self.method).library:
                 values.update(backend_options={})  # another library's options would not apply
         values.update(overrides)
         return QuantizationConfig(**values)
 
     # ------------------------------------------------------------------ per-layer resolution
+    _merged = with_overrides  # transitional name, removed once every caller uses with_overrides
+
     def for_layer(self, name: str) -> "QuantizationConfig":
         """The effective config of module ``name``: this config with the best-matching
         ``layer_configs`` override applied (no skip list, no further overrides)."""
-        from .patterns import best_match
-
         pattern = best_match(name, self.layer_configs)
-        return self._merged(self.layer_configs[pattern] if pattern is not None else {})
+        return self.with_overrides(self.layer_configs[pattern] if pattern is not None else {})
 
     def is_skipped(self, name: str) -> bool:
         """True when ``name`` matches ``skip_modules`` (see :mod:`quantization_wrapper.patterns`)."""
-        from .patterns import best_match
-
         return best_match(name, self.skip_modules) is not None
 
     @property
     def bytes_per_weight(self) -> float:
-        """Average stored bytes per quantized weight, metadata included (see ``planning``)."""
-        from .recommend import bits_per_weight
-
+        """Average stored bytes per quantized weight, metadata included (the method's declared size
+        model, :attr:`MethodSpec.bits_per_weight`, at a typical 4096 input features)."""
         return bits_per_weight(self) / 8
 
     # ------------------------------------------------------------------ serialization
@@ -312,12 +229,8 @@ class QuantizationConfig:
     def quant_method(self) -> str:
         """The name transformers files this config under (``from_pretrained(quantization_config=...)``,
         ``config.json``'s ``quantization_config``); see :mod:`quantization_wrapper.hf_quantizer`.
-        transformers reads it first, so reading it registers our quantizer with transformers (once,
-        and only when transformers is imported: this package never imports it on its own)."""
-        if "transformers" in sys.modules:
-            from .hf_quantizer import register_with_transformers
-
-            register_with_transformers()
+        transformers dispatches on it; our quantizer is registered with transformers as soon as
+        transformers loads its quantizer registry (``hf_quantizer.register_when_transformers_loads``)."""
         return "quantization_wrapper"
 
     def to_dict(self) -> dict[str, Any]:
@@ -379,24 +292,8 @@ class QuantizationConfig:
 
 
 # ---------------------------------------------------------------------- named presets
-_PRESETS: dict[str, dict[str, Any]] = {
-    "nf4": dict(method="bnb_nf4", double_quant=True, compute_dtype="bfloat16"),
-    "fp4": dict(method="bnb_fp4", double_quant=True, compute_dtype="bfloat16"),
-    "int8": dict(method="bnb_int8"),
-    "hqq4": dict(method="hqq", bits=4, group_size=64),
-    "hqq8": dict(method="hqq", bits=8, group_size=128),
-    "hqq2": dict(method="hqq", bits=2, group_size=16),
-    "mlx4": dict(method="mlx_int4", bits=4, group_size=64, compute_dtype="float16"),
-    "mlx8": dict(method="mlx_int8", bits=8, group_size=64, compute_dtype="float16"),
-    "quanto4": dict(method="quanto_int4"),
-    "quanto8": dict(method="quanto_int8"),
-    "none": dict(method="none"),
-    # Attention at 8 bits, feed-forward at 4 bits (design document 002's mixed precision).
-    "mixed_attn8_ffn4": dict(
-        method="hqq", bits=4, group_size=64,
-        layer_configs={"re:.*(attn|attention).*": {"bits": 8, "group_size": 128}},
-    ),
-}
+# Each backend registers its own presets (``register_config`` in its adapter module).
+_PRESETS: dict[str, dict[str, Any]] = {}
 
 
 def register_config(name: str, config: QuantizationConfig | Mapping[str, Any], *, overwrite: bool = False) -> None:
@@ -441,3 +338,22 @@ def get_config(name: str, **overrides: Any) -> QuantizationConfig:
 def list_configs() -> list[str]:
     """Names of the registered presets."""
     return sorted(_PRESETS)
+
+
+#: Input features assumed by :func:`bits_per_weight` when the layer's are not known.
+TYPICAL_IN_FEATURES = 4096
+
+
+def bits_per_weight(config: QuantizationConfig, in_features: int = TYPICAL_IN_FEATURES) -> float:
+    """Stored bits per quantized weight for ``config``, every stored byte counted: the size model the
+    method's backend declares (:attr:`MethodSpec.bits_per_weight`). Examples: NF4 with double
+    quantization at block 64 -> 4.127; HQQ 4-bit at group 64 with fp16 scale and zero -> 4.5.
+
+    Raises:
+        ValueError: the method's backend declares no size model.
+    """
+    model = method_spec(config.method).bits_per_weight
+    if model is None:
+        raise ValueError(f"method={config.method.value!r} declares no size model (MethodSpec.bits_per_weight); "
+                         f"its backend must declare one for sizing and recommendations")
+    return float(model(config, in_features))

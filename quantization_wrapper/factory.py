@@ -7,10 +7,10 @@ import warnings
 
 from backend_manager import Backend, detect_backend
 
-from .adapters.base import QuantizationAdapter, get_adapter_class
-from .compatibility import FALLBACK_CHAINS
-from .config import METHOD_SPECS, QuantizationConfig, QuantizationMethod
-from .validation import errors_only, validate_quantization_config
+from .config import QuantizationConfig, QuantizationMethod
+from .recommend import get_recommended_config
+from .registry import build_adapter
+from .validation import errors_only, require_runnable, resolve_fallback, validate_quantization_config
 
 __all__ = ["create_quantization_adapter", "resolve_fallback", "QuantizationFallbackWarning"]
 
@@ -22,49 +22,8 @@ class QuantizationFallbackWarning(UserWarning):
     """Emitted (once per substitution) when the factory replaces a method that cannot run here."""
 
 
-def _substitute(config: QuantizationConfig, method: QuantizationMethod, bits: int | None) -> QuantizationConfig | None:
-    spec = METHOD_SPECS[method]
-    bits = config.bits if bits is None else bits
-    if method is QuantizationMethod.NONE:
-        return config.replace(method=method, bits=None, group_size=None, quant_type=None,
-                              double_quant=None, storage_dtype=None)
-    if bits not in spec.bits:
-        return None
-    group = config.group_size
-    if group is None or (spec.group_sizes is not None and group not in spec.group_sizes):
-        group = spec.default_group_size
-    if method in (QuantizationMethod.QUANTO_INT8, QuantizationMethod.BNB_INT8, QuantizationMethod.QUANTO_FP8):
-        group = None
-    try:
-        return config.replace(method=method, bits=bits, group_size=group, quant_type=None,
-                              double_quant=None)
-    except ValueError:
-        return None
-
-
-def resolve_fallback(config: QuantizationConfig, backend: Backend | str) -> tuple[QuantizationConfig, list]:
-    """The first config of ``config.method``'s fallback chain that validates without errors.
-
-    Returns:
-        ``(config, problems)`` -- the usable config (``config`` itself when it has no error) and
-        the error-level issues of the original config.
-    """
-    backend = Backend.parse(backend)
-    problems = errors_only(validate_quantization_config(config, backend))
-    if not problems:
-        return config, []
-    for method, bits in FALLBACK_CHAINS[config.method]:
-        candidate = _substitute(config, method, bits)
-        if candidate is not None and not errors_only(validate_quantization_config(candidate, backend)):
-            return candidate, problems
-    raise ValueError(  # only reachable if even the no-quantization adapter is unusable
-        "no usable quantization method found for this config on "
-        f"{backend.value}: " + "; ".join(map(str, problems))
-    )
-
-
 def create_quantization_adapter(backend: Backend | str | None = None, config: QuantizationConfig | None = None,
-                                *, strict: bool = False, device=None) -> QuantizationAdapter:
+                                *, strict: bool = False, device=None):
     """The adapter for ``config`` on ``backend``.
 
     Args:
@@ -81,22 +40,14 @@ def create_quantization_adapter(backend: Backend | str | None = None, config: Qu
     """
     backend = detect_backend() if backend is None else Backend.parse(backend)
     if config is None:
-        from .recommend import get_recommended_config
-
         config = get_recommended_config(backend)
     if not isinstance(config, QuantizationConfig):
         raise ValueError(f"config must be a QuantizationConfig (or None), got {type(config).__name__}")
 
     issues = validate_quantization_config(config, backend)
     errors = errors_only(issues)
-    option_errors = [e for e in errors if e.field.endswith("backend_options")]
-    if option_errors:  # a typo in an option must not silently switch the method
-        raise ValueError("invalid backend_options:\n" + "\n".join(f"  - {e}" for e in option_errors))
-    if errors and strict:
-        raise ValueError(
-            f"config cannot run on the {backend.value} backend ({len(errors)} problem"
-            f"{'s' if len(errors) > 1 else ''}):\n" + "\n".join(f"  - {e}" for e in errors)
-        )
+    if strict or any(e.field.endswith("backend_options") for e in errors):
+        require_runnable(config, backend)  # raises: every problem, or a typo in an option
     if errors:
         top_errors = [e for e in errors if not e.field.startswith("layer_configs[")]
         chosen = config
@@ -108,14 +59,13 @@ def create_quantization_adapter(backend: Backend | str | None = None, config: Qu
         config = chosen
     for issue in validate_quantization_config(config, backend):
         logger.info("quantization config: %s", issue)
-    adapter_cls = get_adapter_class(config.method)
-    return adapter_cls(config, backend, device=device)
+    return build_adapter(config, backend, device=device)
 
 
 def _drop_unusable_overrides(config: QuantizationConfig, backend: Backend) -> QuantizationConfig:
     kept = {}
     for pattern, overrides in config.layer_configs.items():
-        layer = config._merged(overrides)
+        layer = config.with_overrides(overrides)
         if errors_only(validate_quantization_config(layer, backend)):
             substitute, _ = resolve_fallback(layer, backend)
             overrides = {**{k: v for k, v in overrides.items() if k not in ("method", "bits", "group_size")},

@@ -49,13 +49,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .config import QuantizationMethod, dtype_to_str
+from .methods import METHOD_SPECS, FSDPSupport, method_spec
 from .surgery import get_quantization_plan
 
 __all__ = [
@@ -77,63 +78,26 @@ logger = logging.getLogger(__name__)
 M = QuantizationMethod
 
 
-@dataclass(frozen=True)
-class FSDPSupport:
-    """How FSDP treats one method's quantized weights.
-
-    Attributes:
-        fsdp2: ``"sharded"``, or ``"replicated"``: the quantized weights stay out of sharding
-            (quantized, whole on every rank) while LoRA, norms and embeddings shard.
-        fsdp1: the same for FSDP1.
-        storage: what ``storage_dtype`` must be.
-        note: why.
-        verified: how the row was checked (2 CPU ranks, gloo, torch 2.13).
-    """
-
-    fsdp2: str
-    fsdp1: str
-    storage: str
-    note: str
-    verified: str
-
-    @property
-    def shards(self) -> bool:
-        return self.fsdp2 == "sharded"
-
-
 _UNSHARDABLE = (torch.uint16, torch.uint32, torch.uint64)
-_FSDP1_STORAGE = ("FSDP1: the dtype of all other parameters (float32 once prepare_model_for_training "
-                  "has upcast the norms of a half-precision model)")
-_PACKED = ("any for FSDP2 (integer storage is all-gathered as bytes; a float one must equal "
-           "MixedPrecisionPolicy.param_dtype); " + _FSDP1_STORAGE)
-FSDP_SUPPORT: dict[QuantizationMethod, FSDPSupport] = {
-    M.BNB_NF4: FSDPSupport("sharded", "sharded", _PACKED,
-                           "packed 4-bit data sharded; QuantState (absmax, code) whole on each rank; "
-                           "the layer restores Params4bit from module.quant_state",
-                           "tests/test_fsdp.py: FSDP2 (uint8 storage), FSDP1 (float32 storage)"),
-    M.BNB_FP4: FSDPSupport("sharded", "sharded", _PACKED, "as bnb_nf4", "same layer type as bnb_nf4"),
-    M.BNB_INT8: FSDPSupport("replicated", "replicated", "ignored (always int8)",
-                            "Int8Params keeps CB/SCB as attributes, which sharding drops",
-                            "by hand: FSDP2, FSDP1"),
-    M.HQQ: FSDPSupport("sharded", "sharded", _PACKED,
-                       "W_q sharded; scales and zero points (HQQLinear.meta) whole on each rank",
-                       "tests/test_fsdp.py: FSDP2 (float32 storage); by hand: FSDP2 (uint8), FSDP1 (float32)"),
-    M.MLX_INT4: FSDPSupport("sharded", "sharded", "uint8 or a float dtype for FSDP2 (the default uint32 "
-                            "cannot be all-gathered); " + _FSDP1_STORAGE,
-                            "packed weight, scales and biases all sharded",
-                            "tests/test_fsdp.py: FSDP2 (uint8); by hand: FSDP2 (float32), FSDP1 (float32)"),
-    M.MLX_INT8: FSDPSupport("sharded", "sharded", "as mlx_int4", "as mlx_int4", "same layer type as mlx_int4"),
-    M.QUANTO_INT2: FSDPSupport("replicated", "replicated", "ignored (quanto's own dtypes)",
-                               "quanto tensor subclasses have no FSDP hooks: sharding dequantizes them",
-                               "same layer type as quanto_int4"),
-    M.QUANTO_INT4: FSDPSupport("replicated", "replicated", "ignored (quanto's own dtypes)", "as quanto_int2",
-                               "tests/test_fsdp.py: FSDP2; by hand: FSDP1"),
-    M.QUANTO_INT8: FSDPSupport("replicated", "replicated", "ignored (quanto's own dtypes)", "as quanto_int2",
-                               "same layer type as quanto_int4"),
-    M.QUANTO_FP8: FSDPSupport("replicated", "replicated", "ignored (quanto's own dtypes)", "as quanto_int2",
-                              "same layer type as quanto_int4"),
-    M.NONE: FSDPSupport("sharded", "sharded", "not used", "plain float weights", "by hand: FSDP2, FSDP1"),
-}
+class _FSDPTable(Mapping):
+    """``{method: FSDPSupport}``: each registered method's declared FSDP row."""
+
+    def __getitem__(self, method: QuantizationMethod) -> FSDPSupport:
+        row = method_spec(method).fsdp
+        if row is None:
+            return FSDPSupport("replicated", "replicated", "unknown",
+                               "its backend declares no FSDP behaviour: kept whole on every rank", "not verified")
+        return row
+
+    def __iter__(self) -> Iterator[QuantizationMethod]:
+        return iter(list(METHOD_SPECS))
+
+    def __len__(self) -> int:
+        return len(METHOD_SPECS)
+
+
+#: How FSDP treats each method's quantized weights, built from the registry (``docs/fsdp.md``).
+FSDP_SUPPORT: Mapping[QuantizationMethod, FSDPSupport] = _FSDPTable()
 
 
 def render_fsdp_markdown() -> str:

@@ -53,9 +53,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .adapters.base import ADAPTER_REGISTRY, QuantizationAdapter, is_quantized_module
 from .config import QuantizationConfig, QuantizationMethod
-from .training import adapter_class_for_module
+from .registry import ADAPTER_REGISTRY, adapter_class_for_module, build_adapter, is_quantized_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import LoraConfig, PeftModel
@@ -81,55 +80,25 @@ _SAFE_INITS = (True, False, "gaussian")
 
 
 # ---------------------------------------------------------------------- which adapter owns a layer
-def adapter_for_module(module: nn.Module, backend=None) -> QuantizationAdapter | None:
+def adapter_for_module(module: nn.Module, backend=None) -> Any:
     """An adapter of the class that produced ``module``, configured to re-create it (same bits,
     group size, dtypes), or ``None`` when ``module`` is not a quantized layer.
 
-    Only the layer types whose settings can be read back from the module are supported: quanto's
-    ``QLinear`` and :class:`~quantization_wrapper.adapters.mlx.MLXQuantizedLinear` (the ones
-    :class:`QuantizedLoraLinear` wraps). For a whole model use its ``quantization_config``.
+    Only the layer types whose adapter can read their settings back (``config_of_layer``) are
+    supported: quanto's ``QLinear`` and :class:`~quantization_wrapper.adapters.mlx.MLXQuantizedLinear`
+    (the ones :class:`QuantizedLoraLinear` wraps). For a whole model use its ``quantization_config``.
     """
-    reader = _config_reader(module)
-    if reader is None:
+    cls = adapter_class_for_module(module)
+    config = cls.config_of_layer(module) if cls is not None else None
+    if config is None:
         return None
-    config = reader(module)
-    cls = ADAPTER_REGISTRY[config.method]
-    return cls(config, backend, device=_module_device(module))
+    return build_adapter(config, backend, device=_module_device(module))
 
 
 def _module_device(module: nn.Module) -> torch.device | None:
     for t in list(module.parameters()) + list(module.buffers()):
         return t.device
     return None
-
-
-def _mlx_config(module: nn.Module) -> QuantizationConfig:
-    storage = module.weight.dtype
-    return QuantizationConfig(
-        method=QuantizationMethod.MLX_INT8 if module.bits == 8 else QuantizationMethod.MLX_INT4,
-        bits=module.bits, group_size=module.group_size, compute_dtype=module.compute_dtype,
-        storage_dtype=None if storage is torch.uint32 else storage,
-        backend_options={"kernel": module.kernel}, skip_modules=[])
-
-
-def _quanto_config(module: nn.Module) -> QuantizationConfig:
-    from .adapters.quanto import QuantoAdapter
-
-    qtype = QuantoAdapter.quantization_map_entry(module)["weights"]
-    by_qtype = {QuantoAdapter.quantization_map_entry(QuantizationConfig(method=m))["weights"]: m
-                for m in QuantoAdapter.methods}
-    if qtype not in by_qtype:
-        raise ValueError(f"optimum-quanto layer with weights={qtype!r} has no adapter method; known: "
-                         f"{', '.join(by_qtype)}")
-    return QuantizationConfig(method=by_qtype[qtype], compute_dtype=module.weight.dtype, skip_modules=[])
-
-
-def _config_reader(module: nn.Module):
-    cls = adapter_class_for_module(module)
-    if cls is None:
-        return None
-    family = cls.methods[0].family
-    return {"mlx": _mlx_config, "quanto": _quanto_config}.get(family)
 
 
 # ---------------------------------------------------------------------- the LoRA layer
@@ -235,13 +204,7 @@ def lora_custom_modules(model: nn.Module | None = None) -> dict[type, type]:
     Args:
         model: when given, only the layer types present in it (an empty dict when none is).
     """
-    from .adapters.mlx import MLXQuantizedLinear
-
-    types: list[type] = [MLXQuantizedLinear]
-    if "optimum.quanto" in sys.modules:
-        from optimum.quanto import QLinear
-
-        types.append(QLinear)
+    types = [t for cls in dict.fromkeys(ADAPTER_REGISTRY.values()) for t in cls.lora_layer_types()]
     if model is not None:
         present = {type(m) for m in model.modules()}
         types = [t for t in types if any(issubclass(p, t) for p in present)]

@@ -18,7 +18,11 @@ import torch
 
 from backend_manager import Backend, BackendManager, detect_backend
 
-from .config import METHOD_SPECS, QuantizationConfig, QuantizationMethod
+from .methods import method_spec
+from .config import METHOD_SPECS, TYPICAL_IN_FEATURES, QuantizationConfig, QuantizationMethod, bits_per_weight
+from .mixed_precision import default_candidates, mixes_bit_widths, plan_mixed_precision
+from .sizing import checkpoint_parameter_count
+from .validation import resolve_fallback
 
 __all__ = [
     "bits_per_weight",
@@ -35,8 +39,6 @@ M = QuantizationMethod
 # Share of an LLM's parameters in linear layers that get quantized (Llama-2-7B: 96%; embeddings
 # and the skipped lm_head make up the rest and stay 16-bit).
 LINEAR_FRACTION = 0.96
-# Typical in_features for per-row scales (INT8 methods) when only the parameter count is known.
-TYPICAL_IN_FEATURES = 4096
 RUNTIME_OVERHEAD_GB = 1.0  # CUDA context / Metal / allocator pools
 ACTIVATION_GB_PER_B = 0.15  # checkpointed activations, batch 1 x 2048 tokens, per billion params
 LORA_FRACTION = 0.006  # r=16 on all linear layers of a Llama-like model
@@ -45,35 +47,6 @@ FRAGMENTATION = 1.05
 
 class MemoryWarning(UserWarning):
     """The recommended config is estimated not to fit the memory given."""
-
-
-def bits_per_weight(config: QuantizationConfig, in_features: int = TYPICAL_IN_FEATURES) -> float:
-    """Stored bits per quantized weight for ``config``, every stored byte counted.
-
-    Examples: NF4 with double quantization at block 64 -> 4.127; HQQ 4-bit at group 64 with fp16
-    scale and zero -> 4.5; MLX 4-bit at group 64 (fp16 scale and bias) -> 4.5. HQQ and MLX keep
-    their scales in the compute dtype (fp16 assumed when unset; fp32 doubles the overhead).
-    """
-    method, bits, group = config.method, config.bits, config.group_size
-    if method in (M.BNB_NF4, M.BNB_FP4):
-        if config.double_quant:
-            # uint8 absmax per block, then an fp32 absmax and fp32 offset per 256 blocks
-            return bits + 8 / group + 32 / (group * 256)
-        return bits + 32 / group
-    if method is M.BNB_INT8:
-        return 8 + 32 / in_features  # fp32 row scale (SCB)
-    meta_bits = 8 * (config.compute_dtype or torch.float16).itemsize  # scales live in the compute dtype
-    if method is M.HQQ:
-        packed = {3: 32 / 10}.get(bits, bits)  # hqq packs 3-bit as 10 values per int32
-        return packed + 2 * meta_bits / (group or in_features)  # scale + zero per group
-    if method in (M.MLX_INT4, M.MLX_INT8):
-        return bits + 2 * meta_bits / group  # scale + bias per group
-    if method in (M.QUANTO_INT2, M.QUANTO_INT4):
-        return bits + 2 * meta_bits / 128  # scale + shift per group of 128
-    if method in (M.QUANTO_INT8, M.QUANTO_FP8):
-        return 8 + meta_bits / in_features  # one scale per output row
-    dtype = config.compute_dtype or torch.float16
-    return float(torch.finfo(dtype).bits)
 
 
 def estimate_footprint_gb(config: QuantizationConfig, model_size_b: float, *, training: bool = True,
@@ -100,42 +73,32 @@ def estimate_footprint_gb(config: QuantizationConfig, model_size_b: float, *, tr
     return weights + extra
 
 
-def recommendation_candidates(backend: Backend | str, *, training: bool = True) -> list[QuantizationConfig]:
-    """The configs :func:`get_recommended_config` chooses from, most precise first.
+_BACKEND_DTYPES = {Backend.CUDA: torch.bfloat16, Backend.MPS: torch.float16, Backend.MLX: torch.float16,
+                   Backend.CPU: torch.bfloat16}
 
-    Training leaves out 8-bit bitsandbytes/MLX: QLoRA at 4 bits matches 16-bit fine-tuning quality
-    at half the memory, and LLM.int8() backward is slow.
+
+def recommendation_candidates(backend: Backend | str, *, training: bool = True) -> list[QuantizationConfig]:
+    """The configs :func:`get_recommended_config` chooses from, most precise first: every registered
+    method's declared candidates for ``backend`` (:attr:`MethodSpec.candidates`), in rank order.
+
+    Training leaves out the inference-only ones (8-bit bitsandbytes/MLX: QLoRA at 4 bits matches
+    16-bit fine-tuning quality at half the memory, and LLM.int8() backward is slow).
     """
     backend = Backend.parse(backend)
-    if backend is Backend.CUDA:
-        dtype = torch.bfloat16
-        cands = [dict(method=M.NONE), dict(method=M.BNB_INT8, inference_only=True),
-                 dict(method=M.BNB_NF4, double_quant=True), dict(method=M.HQQ, bits=3, group_size=64),
-                 dict(method=M.HQQ, bits=2, group_size=16)]
-    elif backend in (Backend.MPS, Backend.MLX):
-        dtype = torch.float16
-        cands = [dict(method=M.NONE), dict(method=M.MLX_INT8, group_size=64, inference_only=True),
-                 dict(method=M.MLX_INT4, bits=4, group_size=64), dict(method=M.MLX_INT4, bits=3, group_size=64),
-                 dict(method=M.MLX_INT4, bits=2, group_size=32)]
-    else:
-        dtype = torch.bfloat16
-        cands = [dict(method=M.NONE, compute_dtype=torch.float32), dict(method=M.NONE),
-                 dict(method=M.HQQ, bits=8, group_size=128, inference_only=True),
-                 dict(method=M.HQQ, bits=4, group_size=64), dict(method=M.HQQ, bits=3, group_size=64),
-                 dict(method=M.HQQ, bits=2, group_size=16)]
+    ranked = []
+    for method, spec in METHOD_SPECS.items():
+        for cand in spec.candidates:
+            if backend.value in cand.backends and not (cand.inference_only and training):
+                ranked.append((cand.rank, len(ranked), method, cand))
     out = []
-    for c in cands:
-        if c.pop("inference_only", False) and training:
-            continue
-        c.setdefault("compute_dtype", dtype)
-        out.append(QuantizationConfig(**c))
+    for _, _, method, cand in sorted(ranked, key=lambda r: r[:2]):
+        fields = {"method": method, "compute_dtype": _BACKEND_DTYPES.get(backend, torch.bfloat16), **cand.config}
+        out.append(QuantizationConfig(**fields))
     return out
 
 
 _OPTIONS = {"training", "check_libraries", "lora_fraction", "calibration", "mixed_precision"}
 _CONFIG_FIELDS = set(QuantizationConfig.__dataclass_fields__) - {"method", "bits", "group_size"}
-# Families whose bit width can vary per layer within one library (what a mixed plan may use).
-_MIXABLE = {"hqq", "mlx"}
 # A mixed plan is proposed only when the memory allows at least this many more bits per weight
 # than the uniform choice.
 MIN_MIXED_GAIN_BITS = 0.25
@@ -188,8 +151,6 @@ def get_recommended_config(backend: Backend | str | None = None, model_size_b: f
     if model is not None:
         model_size_b = _count_model_parameters(model) / 1e9
     elif checkpoint_dir is not None:
-        from .sizing import checkpoint_parameter_count
-
         model_size_b = checkpoint_parameter_count(checkpoint_dir) / 1e9
     backend = detect_backend() if backend is None else Backend.parse(backend)
     # Libraries can only be checked for the machine we run on.
@@ -234,8 +195,6 @@ def _finish(config: QuantizationConfig, backend: Backend, overrides: dict[str, A
     if overrides:
         config = config.replace(**overrides)
     if check_libraries:
-        from .factory import resolve_fallback
-
         config, _ = resolve_fallback(config, backend)
     return config
 
@@ -269,10 +228,9 @@ def _mixed_plan(model: Any, chosen: QuantizationConfig, upper: QuantizationConfi
                 calibration: Any) -> QuantizationConfig | None:
     """A mixed plan of ``chosen``'s family between its bits and ``upper``'s, or ``None`` when the
     memory leaves too little room above ``chosen`` or the family cannot mix bit widths."""
-    from .mixed_precision import default_candidates, plan_mixed_precision
 
     family = chosen.method.family
-    if family not in _MIXABLE:
+    if not mixes_bit_widths(family):
         return None
     bpw = achievable_bits_per_weight(chosen, model_size_b, available_memory_gb, training=training,
                                      lora_fraction=lora_fraction)
@@ -280,7 +238,7 @@ def _mixed_plan(model: Any, chosen: QuantizationConfig, upper: QuantizationConfi
     bpw = min(bpw, ceiling)
     if bpw < bits_per_weight(chosen) + MIN_MIXED_GAIN_BITS:
         return None
-    top = upper.bits if upper.method.family == family else max(METHOD_SPECS[chosen.method].bits)
+    top = upper.bits if upper.method.family == family else max(method_spec(chosen.method).bits)
     candidates = [c for c in default_candidates(family)
                   if chosen.bits - 1 <= c.as_dict().get("bits", chosen.bits) <= top]
     # Sensitivity is measured here, with this machine's adapters, whatever backend the config is for.

@@ -38,9 +38,11 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .config import QuantizationConfig, QuantizationMethod, dtype_to_str
+from .methods import method_spec
+from .config import bits_per_weight, QuantizationConfig, QuantizationMethod, dtype_to_str
 from .patterns import best_match
-from .surgery import LayerPlan, QuantizationPlan, _fmt_bytes, iter_linear_layers
+from .surgery import LayerPlan, QuantizationPlan, iter_linear_layers
+from .units import format_bytes
 
 __all__ = [
     "LinearShape",
@@ -55,10 +57,6 @@ __all__ = [
 
 M = QuantizationMethod
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_HQQ_PACK_ROWS = {1: 8, 2: 4, 4: 2, 8: 1}
-_BNB_NESTED_BLOCK = 256  # bitsandbytes quantizes the 4-bit absmax again in blocks of 256
-_BNB_NESTED_CODE = 256  # entries of the dynamic map the nested absmax uses (fp32)
-_BNB_CODE = 16  # entries of the NF4/FP4 quant map (fp32)
 
 
 @dataclass(frozen=True)
@@ -102,43 +100,13 @@ def layer_nbytes(config: QuantizationConfig, in_features: int, out_features: int
     Returns:
         The byte count the adapter's ``module_nbytes`` reports for the quantized layer.
     """
-    method, bits = config.method, config.bits
-    numel = in_features * out_features
     cdt = _compute_dtype(config, weight_dtype).itemsize
-    bias_bytes = out_features * cdt if bias else 0
-    if method is M.HQQ:
-        axis = config.backend_options.get("axis", 1)
-        group = config.group_size or (in_features if axis == 1 else out_features)
-        groups = numel // group
-        if axis == 1:
-            packed = (math.ceil(groups / 10) * group * 4 if bits == 3
-                      else groups // _HQQ_PACK_ROWS[bits] * group)
-        else:
-            packed = (math.ceil(group / 10) * groups * 4 if bits == 3
-                      else group // _HQQ_PACK_ROWS[bits] * groups)
-        return packed + 2 * groups * cdt + bias_bytes
-    if method in (M.MLX_INT4, M.MLX_INT8):
-        groups = numel // config.group_size
-        return numel * bits // 8 + 2 * groups * cdt + bias_bytes
-    if method in (M.QUANTO_INT2, M.QUANTO_INT4):
-        group = config.group_size or in_features
-        rows = numel // group
-        pack = 4 if method is M.QUANTO_INT2 else 2
-        return math.ceil(rows / pack) * group + 2 * rows * cdt + bias_bytes + 2 * cdt
-    if method in (M.QUANTO_INT8, M.QUANTO_FP8):
-        return numel + out_features * cdt + bias_bytes + 2 * cdt
-    if method in (M.BNB_NF4, M.BNB_FP4):
-        blocks = math.ceil(numel / config.group_size)
-        if config.double_quant:
-            stats = blocks + math.ceil(blocks / _BNB_NESTED_BLOCK) * 4 + _BNB_NESTED_CODE * 4 + 4
-        else:
-            stats = blocks * 4
-        return (numel + 1) // 2 + stats + _BNB_CODE * 4 + bias_bytes
-    if method is M.BNB_INT8:  # Linear8bitLt keeps the bias in the layer's own dtype
-        return numel + out_features * 4 + (out_features * weight_dtype.itemsize if bias else 0)
-    if method is M.NONE:
-        return numel * cdt + bias_bytes
-    raise ValueError(f"no size model for method={method.value!r}")  # pragma: no cover
+    exact = method_spec(config.method).layer_nbytes
+    if exact is not None:
+        return int(exact(config, in_features, out_features, bias, weight_dtype, cdt))
+    # a backend that declares only its bits per weight: that, and the bias in the compute dtype
+    return math.ceil(in_features * out_features * bits_per_weight(config, in_features) / 8) + \
+        (out_features * cdt if bias else 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,7 +114,7 @@ def _sizing_adapter(method: QuantizationMethod):
     """An adapter of ``method``'s class, used only for its (library-free) group-size fitting."""
     from backend_manager import Backend
 
-    from .adapters.base import get_adapter_class
+    from .registry import get_adapter_class
 
     return get_adapter_class(method)(QuantizationConfig(method=method, skip_modules=[]), Backend.CPU)
 
@@ -330,11 +298,11 @@ class SizeEstimate:
         }
 
     def summary(self) -> str:
-        return (f"{self.num_parameters / 1e6:.1f}M parameters: {_fmt_bytes(self.float_parameter_bytes)} "
-                f"({self.dtype}) -> {_fmt_bytes(self.total_bytes)} (linear layers "
-                f"{_fmt_bytes(self.linear_bytes_before)} -> {_fmt_bytes(self.linear_bytes_after)}, "
+        return (f"{self.num_parameters / 1e6:.1f}M parameters: {format_bytes(self.float_parameter_bytes)} "
+                f"({self.dtype}) -> {format_bytes(self.total_bytes)} (linear layers "
+                f"{format_bytes(self.linear_bytes_before)} -> {format_bytes(self.linear_bytes_after)}, "
                 f"{self.bits_per_weight:.3f} bits/weight quantized; other tensors "
-                f"{_fmt_bytes(self.other_bytes)}); {self.compression_ratio_fp16:.2f}x smaller than fp16, "
+                f"{format_bytes(self.other_bytes)}); {self.compression_ratio_fp16:.2f}x smaller than fp16, "
                 f"{self.compression_ratio_fp32:.2f}x smaller than fp32")
 
     def __str__(self) -> str:

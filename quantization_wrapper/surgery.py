@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters.base import QuantizationAdapter, is_quantized_module, tensor_nbytes
+from .registry import Adapter, is_quantized_module
+from .tensors import tensor_nbytes
+from .units import format_bytes
 from .config import QuantizationConfig, QuantizationMethod
 from .filters import as_module_filter
 from .patterns import best_match, validate_pattern
@@ -159,7 +161,7 @@ class QuantizationPlan:
             rows.append((l.name, f"{l.out_features}x{l.in_features}", l.method,
                          str(l.bits) if l.status != "skipped" else "-",
                          str(l.group_size) if l.group_size else "-",
-                         _fmt_bytes(l.bytes_before), _fmt_bytes(l.bytes_after),
+                         format_bytes(l.bytes_before), format_bytes(l.bytes_after),
                          f"{l.bits_per_weight:.2f}", l.reason or ""))
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -169,7 +171,7 @@ class QuantizationPlan:
             lines.append(f"... {len(self.layers) - max_rows} more layers")
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
         lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} skipped; linear layers "
-                     f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
+                     f"{format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
                      f"({ratio:.2f}x smaller, {self.bits_per_weight:.3f} bits/weight quantized)")
         if self.total_parameters:
             lines.append(f"{100 * self.quantized_share:.1f}% of the model's {self.total_parameters:,} parameters "
@@ -181,14 +183,6 @@ class QuantizationPlan:
 
     def __str__(self) -> str:
         return self.table()
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
 
 
 def get_quantization_plan(model: nn.Module) -> QuantizationPlan | None:
@@ -296,7 +290,7 @@ class LayerDecision:
     reason: str | None
 
 
-def plan_linear_layers(model: nn.Module, adapter: QuantizationAdapter, skip_modules: list[str] | None = None,
+def plan_linear_layers(model: nn.Module, adapter: Adapter, skip_modules: list[str] | None = None,
                        module_filter: Any = None) -> list[LayerDecision]:
     """Decide, for every ``nn.Linear`` of ``model``, whether and how it will be quantized.
 
@@ -376,7 +370,7 @@ def _warn_untied(model: nn.Module, decisions: list[LayerDecision]) -> None:
                           f"keep the tie", stacklevel=3)
 
 
-def convert_layer(adapter: QuantizationAdapter, decision: LayerDecision, *, check_finite: bool = True) -> nn.Module:
+def convert_layer(adapter: Adapter, decision: LayerDecision, *, check_finite: bool = True) -> nn.Module:
     """Build the replacement module for one decided layer (empty on meta, quantized otherwise).
 
     Args:
@@ -408,7 +402,7 @@ def convert_layer(adapter: QuantizationAdapter, decision: LayerDecision, *, chec
     return new
 
 
-def record_plan(model: nn.Module, adapter: QuantizationAdapter, decisions: list[LayerDecision], *,
+def record_plan(model: nn.Module, adapter: Adapter, decisions: list[LayerDecision], *,
                 warn_if_unchanged: bool = True) -> QuantizationPlan:
     """Build the plan from the decisions and the modules now installed, store it on ``model`` with
     the config, and set the flags peft/transformers read (every library used).
@@ -498,7 +492,7 @@ def _count_parameters(model: nn.Module, plan: QuantizationPlan) -> None:
     plan.float_parameters = sorted(floats, key=lambda f: -f["numel"])
 
 
-def replace_linear_with_quantized(model: nn.Module, adapter: QuantizationAdapter,
+def replace_linear_with_quantized(model: nn.Module, adapter: Adapter,
                                   skip_modules: list[str] | None = None, module_filter: Any = None, *,
                                   progress: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` by ``adapter``'s quantized layers, in place.

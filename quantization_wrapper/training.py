@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .adapters.base import ADAPTER_REGISTRY, QuantizationAdapter, autocast_dtype, get_adapter_class, is_quantized_module
-from .adapters.fallback import FloatLinear
+from .registry import ADAPTER_REGISTRY, adapter_class_for_module, get_adapter_class, is_quantized_module
+from .tensors import FloatLinear, autocast_dtype
 from .config import QuantizationConfig
 from .surgery import get_quantization_plan
 
@@ -100,19 +100,6 @@ def _cast_input_hooks(module: nn.Module, dtype: torch.dtype) -> None:
 
     module._qw_input_dtype_hooks = (module.register_forward_pre_hook(before, with_kwargs=True),
                                     module.register_forward_hook(after, with_kwargs=True))
-
-
-def adapter_class_for_module(module: nn.Module) -> type[QuantizationAdapter] | None:
-    """The registered adapter class whose quantized layer type ``module`` is (``None`` if none).
-    Only adapters whose library is imported are asked, as in ``is_quantized_module``."""
-    for cls in dict.fromkeys(ADAPTER_REGISTRY.values()):
-        types_module = getattr(cls, "types_module", None) or cls.library_module
-        if types_module and types_module not in sys.modules:
-            continue
-        types = cls.quantized_module_types()
-        if types and isinstance(module, types):
-            return cls
-    return None
 
 
 def _needs_peft_integration(layers: dict[str, nn.Module]) -> bool:

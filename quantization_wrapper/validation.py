@@ -16,8 +16,11 @@ from backend_manager import Backend, get_library_status
 
 from .compatibility import FALLBACK_CHAINS, get_support, method_library
 from .config import METHOD_SPECS, QuantizationConfig, QuantizationMethod, dtype_to_str
+from .methods import method_spec
+from .registry import ADAPTER_REGISTRY
 
-__all__ = ["Severity", "ValidationIssue", "validate_quantization_config", "errors_only"]
+__all__ = ["Severity", "ValidationIssue", "validate_quantization_config", "errors_only", "resolve_fallback",
+           "require_runnable"]
 
 M = QuantizationMethod
 _BNB_4BIT = (M.BNB_NF4, M.BNB_FP4)
@@ -82,8 +85,6 @@ def _method_issues(method: QuantizationMethod, backend: Backend, where: str) -> 
                                  f"{status.install_hint} for the {library} kernels.")]
             return [_error(field, f"{method.value} needs {library}, which is {what}{detail}",
                            f"{status.install_hint}, or pick another method.")]
-    from .adapters.base import ADAPTER_REGISTRY
-
     if method not in ADAPTER_REGISTRY:
         return [_error(field, f"no adapter is registered for {method.value}.",
                        "import the module that registers it, or pick another method.")]
@@ -149,13 +150,11 @@ def validate_quantization_config(config: QuantizationConfig, backend: Backend | 
         raise ValueError(f"config must be a QuantizationConfig, got {type(config).__name__}")
     backend = Backend.parse(backend)
     issues = _method_issues(config.method, backend, "") + _option_issues(config, backend, "")
-    from .adapters.base import ADAPTER_REGISTRY
-
     if config.method in ADAPTER_REGISTRY:
         issues += ADAPTER_REGISTRY[config.method].check_config(config, backend)
     seen = {str(i) for i in issues}
     for pattern, overrides in config.layer_configs.items():
-        layer = config._merged(overrides)
+        layer = config.with_overrides(overrides)
         layer_issues = []
         if "method" in overrides:
             layer_issues += _method_issues(layer.method, backend, pattern)
@@ -178,3 +177,65 @@ def validate_quantization_config(config: QuantizationConfig, backend: Backend | 
 def errors_only(issues: list[ValidationIssue]) -> list[ValidationIssue]:
     """The error-level issues of ``issues``."""
     return [i for i in issues if i.is_error]
+
+
+def _substitute(config: QuantizationConfig, method: QuantizationMethod, bits: int | None) -> QuantizationConfig | None:
+    spec = method_spec(method)
+    bits = config.bits if bits is None else bits
+    if method is QuantizationMethod.NONE:
+        return config.replace(method=method, bits=None, group_size=None, quant_type=None,
+                              double_quant=None, storage_dtype=None)
+    if bits not in spec.bits:
+        return None
+    group = config.group_size
+    if group is None or (spec.group_sizes is not None and group not in spec.group_sizes):
+        group = spec.default_group_size
+    if spec.default_group_size is None:  # the method has no groups (per-row scales)
+        group = None
+    try:
+        return config.replace(method=method, bits=bits, group_size=group, quant_type=None,
+                              double_quant=None)
+    except ValueError:
+        return None
+
+
+def resolve_fallback(config: QuantizationConfig, backend: Backend | str) -> tuple[QuantizationConfig, list]:
+    """The first config of ``config.method``'s fallback chain that validates without errors.
+
+    Returns:
+        ``(config, problems)`` -- the usable config (``config`` itself when it has no error) and
+        the error-level issues of the original config.
+    """
+    backend = Backend.parse(backend)
+    problems = errors_only(validate_quantization_config(config, backend))
+    if not problems:
+        return config, []
+    for method, bits in FALLBACK_CHAINS[config.method]:
+        candidate = _substitute(config, method, bits)
+        if candidate is not None and not errors_only(validate_quantization_config(candidate, backend)):
+            return candidate, problems
+    raise ValueError(  # only reachable if even the no-quantization adapter is unusable
+        "no usable quantization method found for this config on "
+        f"{backend.value}: " + "; ".join(map(str, problems))
+    )
+
+
+def require_runnable(config: QuantizationConfig, backend: Backend | str) -> list[ValidationIssue]:
+    """Raise unless ``config`` runs on ``backend`` as asked; return its warnings otherwise.
+
+    Raises:
+        ValueError: ``invalid backend_options`` first (a typo in an option), else every error-level
+            issue, one per line.
+    """
+    backend = Backend.parse(backend)
+    issues = validate_quantization_config(config, backend)
+    errors = errors_only(issues)
+    option_errors = [e for e in errors if e.field.endswith("backend_options")]
+    if option_errors:  # a typo in an option must not silently switch the method
+        raise ValueError("invalid backend_options:\n" + "\n".join(f"  - {e}" for e in option_errors))
+    if errors:
+        raise ValueError(
+            f"config cannot run on the {backend.value} backend ({len(errors)} problem"
+            f"{'s' if len(errors) > 1 else ''}):\n" + "\n".join(f"  - {e}" for e in errors)
+        )
+    return issues

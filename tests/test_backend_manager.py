@@ -505,6 +505,7 @@ def test_public_api():
         "Backend", "BackendManager", "BackendCapabilities", "detect_backend", "available_backends",
         "report_import_status", "get_import_status", "get_library_status", "is_library_usable",
         "LibraryStatus", "clear_caches", "BACKEND_ENV_VAR",
+        "KNOWN_LIBRARIES", "LibrarySpec", "register_library", "unregister_library",
     ])
     assert BACKEND_ENV_VAR == "QUANTIZATION_WRAPPER_BACKEND"
     assert issubclass(Backend, str) and Backend.CUDA == "cuda"

@@ -22,6 +22,22 @@ from backend_manager import Backend, detect_backend, get_library_status
 
 from ..config import METHOD_SPECS, QuantizationConfig, QuantizationMethod, dtype_to_str
 from ..errors import CheckpointError
+from ..registry import (
+    ADAPTER_REGISTRY,
+    build_adapter,
+    get_adapter_class,
+    is_quantized_module,
+    register_adapter,
+    registered_methods,
+)
+from ..tensors import (
+    LayerStateSpec,
+    autocast_dtype,
+    check_state_spec,
+    common_dtype,
+    leaf_tensors,
+    tensor_nbytes,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..validation import ValidationIssue
@@ -41,180 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_REGISTRY: dict[QuantizationMethod, type["QuantizationAdapter"]] = {}
-
-
-def register_adapter(*methods: QuantizationMethod | str) -> Callable[[type], type]:
-    """Class decorator: make ``cls`` the adapter for ``methods``.
-
-    Example::
-
-        @register_adapter(QuantizationMethod.HQQ)
-        class HQQAdapter(QuantizationAdapter): ...
-    """
-    parsed = tuple(QuantizationMethod.parse(m) for m in methods)
-    if not parsed:
-        raise ValueError("register_adapter needs at least one QuantizationMethod")
-
-    def decorator(cls: type) -> type:
-        if not (isinstance(cls, type) and issubclass(cls, QuantizationAdapter)):
-            raise TypeError(f"register_adapter: {cls!r} is not a QuantizationAdapter subclass")
-        cls.methods = parsed
-        for method in parsed:
-            ADAPTER_REGISTRY[method] = cls
-        return cls
-
-    return decorator
-
-
-def get_adapter_class(method: QuantizationMethod | str) -> type["QuantizationAdapter"]:
-    """The adapter class registered for ``method``.
-
-    Raises:
-        ValueError: when no adapter serves the method (the registered methods are listed).
-    """
-    method = QuantizationMethod.parse(method)
-    try:
-        return ADAPTER_REGISTRY[method]
-    except KeyError:
-        known = ", ".join(m.value for m in ADAPTER_REGISTRY) or "none"
-        raise ValueError(f"no adapter is registered for method={method.value!r}; registered: {known}") from None
-
-
-def registered_methods() -> list[QuantizationMethod]:
-    """Methods that have an adapter, in enum order."""
-    return [m for m in QuantizationMethod if m in ADAPTER_REGISTRY]
-
-
-def leaf_tensors(t: Any) -> list[torch.Tensor]:
-    """The plain tensors inside ``t``: ``[t]`` for a plain tensor, else those of a tensor subclass's
-    ``__tensor_flatten__``, recursively (quanto's packed data nests one subclass in another)."""
-    if not isinstance(t, torch.Tensor):
-        return []
-    if getattr(type(t), "__tensor_flatten__", None) is None:
-        return [t]
-    names, _ = t.__tensor_flatten__()
-    return [leaf for name in names for leaf in leaf_tensors(getattr(t, name))]
-
-
-def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes held by ``tensors``, each counted once however many of them view it (tied weights).
-
-    A tensor counts its own elements, not its whole storage: a model loaded from a memory map
-    holds views into one storage per file.
-    """
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for t in tensors:
-        if t is None or not isinstance(t, torch.Tensor):
-            continue
-        nbytes = t.numel() * t.element_size()
-        if t.device.type == "meta":
-            total += nbytes
-            continue
-        key = (t.data_ptr(), nbytes)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += nbytes
-    return total
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype ``torch.autocast`` runs ``nn.Linear`` in for ``x``'s device; ``None`` when autocast
-    is off there (or the device has none, like ``meta``). Quantized layers compute in it and return
-    it under autocast, as ``nn.Linear`` does."""
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
-
-
-def is_quantized_module(module: nn.Module) -> bool:
-    """True when some registered adapter recognizes ``module`` as one of its quantized layers.
-
-    Only adapters whose library is already imported are asked: a module of a library's type cannot
-    exist before the library is imported, and asking must not import anything.
-    """
-    for cls in set(ADAPTER_REGISTRY.values()):
-        types_module = cls.types_module or cls.library_module
-        if types_module and types_module not in sys.modules:
-            continue
-        if cls.quantized_module_types() and isinstance(module, cls.quantized_module_types()):
-            return True
-    return False
-
-
-#: What a layer state must hold: ``{key: (dtype, shape)}``, or ``(dtype, shape, optional)``. A dtype
-#: may be a tuple of accepted dtypes; a shape may hold ``None`` for a free dimension.
-LayerStateSpec = Mapping[str, tuple]
-
-
-def _fmt_dtype(dtype: Any) -> str:
-    if isinstance(dtype, tuple):
-        return "one of " + "/".join(dtype_to_str(d) for d in dtype)
-    return dtype_to_str(dtype)
-
-
-def _fmt_shape(shape: tuple | None) -> str:
-    return "any shape" if shape is None else "(" + ", ".join("*" if d is None else str(d) for d in shape) + \
-        ("," if len(shape) == 1 else "") + ")"
-
-
-def check_state_spec(state: Mapping[str, torch.Tensor], spec: LayerStateSpec, *, where: str) -> None:
-    """Check every tensor of a layer state against ``spec``: the same keys (optional ones may be
-    absent), and each tensor's dtype and shape.
-
-    Args:
-        state: the layer state (tensor names relative to the layer).
-        spec: ``{key: (dtype, shape[, optional])}`` (see :data:`LayerStateSpec`).
-        where: the layer, as the message names it (method, shape, settings).
-
-    Raises:
-        CheckpointError: naming every key that is missing, unknown, or of another dtype or shape,
-            with what it holds and what the format requires.
-    """
-    problems = []
-    required = {k for k, entry in spec.items() if not (len(entry) > 2 and entry[2])}
-    missing = sorted(required - set(state))
-    unknown = sorted(set(state) - set(spec))
-    if missing:
-        problems.append(f"missing {missing}")
-    if unknown:
-        problems.append(f"unknown keys {unknown} (the format has {sorted(spec)})")
-    for key, tensor in state.items():
-        if key not in spec:
-            continue
-        dtype, shape = spec[key][0], spec[key][1]
-        if not isinstance(tensor, torch.Tensor):
-            problems.append(f"{key!r} is a {type(tensor).__name__}, not a tensor")
-            continue
-        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
-        dtype_ok = dtype is None or tensor.dtype in allowed
-        shape_ok = shape is None or (tensor.ndim == len(shape) and all(
-            want is None or got == want for got, want in zip(tensor.shape, shape)))
-        if not (dtype_ok and shape_ok):
-            problems.append(f"{key!r} is {dtype_to_str(tensor.dtype)} {_fmt_shape(tuple(tensor.shape))}, "
-                            f"expected {_fmt_dtype(dtype) if dtype is not None else 'any dtype'} {_fmt_shape(shape)}")
-    if problems:
-        raise CheckpointError(f"{where}: the layer state does not match its format: " + "; ".join(problems) +
-                              ". The checkpoint was altered or written by another tool; save it again from the "
-                              "quantized model")
-
-
-def common_dtype(state: Mapping[str, torch.Tensor], keys: Iterable[str],
-                 allowed: tuple[torch.dtype, ...]) -> torch.dtype | tuple[torch.dtype, ...]:
-    """The dtype that most of ``keys`` (those present, in ``allowed``) hold in ``state``, the first
-    key's on a tie; ``allowed`` itself when none qualifies. For formats whose tensors must share one
-    compute dtype the checkpoint does not record: one odd tensor is then the one reported."""
-    counts: dict[torch.dtype, int] = {}
-    for key in keys:
-        t = state.get(key)
-        if isinstance(t, torch.Tensor) and t.dtype in allowed:
-            counts[t.dtype] = counts.get(t.dtype, 0) + 1
-    return max(counts, key=counts.__getitem__) if counts else allowed
-
 
 class QuantizationAdapter(ABC):
     """Base class of the backend adapters.
@@ -296,6 +138,20 @@ class QuantizationAdapter(ABC):
     @classmethod
     def quantized_module_types(cls) -> tuple[type, ...]:
         """The module classes this adapter produces (may import the library)."""
+        return ()
+
+    @classmethod
+    def config_of_layer(cls, module: nn.Module) -> QuantizationConfig | None:
+        """The config that re-creates ``module`` (same bits, group size, dtypes), read from the layer
+        itself, or ``None`` when the layer does not record it (then the model's
+        ``quantization_config`` is the source). peft's LoRA layer of ours uses it."""
+        return None
+
+    @classmethod
+    def lora_layer_types(cls) -> tuple[type, ...]:
+        """Quantized layer types peft has no LoRA layer for: peft is given
+        :class:`~quantization_wrapper.peft_integration.QuantizedLoraLinear` for them (only the
+        types whose library is already imported; asking must not import it)."""
         return ()
 
     # ------------------------------------------------------------------ layer level
@@ -462,9 +318,9 @@ class QuantizationAdapter(ABC):
         if method in self.methods:
             return self
         if method not in self._siblings:
-            cls = get_adapter_class(method)
-            # _merged gives the method its own defaults and drops another library's backend_options
-            self._siblings[method] = cls(self.config._merged({"method": method}), self.backend, device=self.device)
+            # with_overrides gives the method its own defaults and drops another library's backend_options
+            self._siblings[method] = build_adapter(self.config.with_overrides(method=method), self.backend,
+                                                   device=self.device)
         return self._siblings[method]
 
     def quantize_model(self, model: nn.Module, *, module_filter: Any = None, **kwargs: Any) -> nn.Module:
@@ -566,10 +422,10 @@ def _accept_create_keywords(create: Callable[..., nn.Module]) -> Callable[..., n
                 **kwargs: Any) -> nn.Module:
         given = {k: kwargs.pop(k) for k in missing if k in kwargs}
         config = given.get("config")
-        if config is not None and config._merged({}) != self.config._merged({}):
+        if config is not None and config.with_overrides({}) != self.config.with_overrides({}):
             raise ValueError(
                 f"{type(self).__name__}.create_quantized_linear takes no config, so it cannot build a layer with "
-                f"config {config._merged({})} (the adapter's is {self.config._merged({})}): add a `config` keyword "
+                f"config {config.with_overrides({})} (the adapter's is {self.config.with_overrides({})}): add a `config` keyword "
                 f"to it, or drop layer_configs / use a group_size that divides every layer's in_features")
         device = given.get("device")
         if device is None:

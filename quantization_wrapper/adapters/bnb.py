@@ -48,7 +48,16 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
-from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
+from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str, register_config
+from ..methods import (
+    PACKED_FSDP_STORAGE,
+    FSDPSupport,
+    MethodSpec,
+    RecommendationCandidate,
+    Support,
+    register_method,
+    replace_spec,
+)
 from ..errors import CheckpointError
 from .base import LayerStateSpec, QuantizationAdapter, autocast_dtype, register_adapter, tensor_nbytes
 
@@ -57,9 +66,100 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..validation import ValidationIssue
 
-__all__ = ["BitsAndBytesAdapter", "BNB_BACKEND_OPTIONS"]
+__all__ = ["BitsAndBytesAdapter", "BNB_BACKEND_OPTIONS", "BNB_METHOD_SPECS"]
 
+
+# ---------------------------------------------------------------------- what the package knows
 M = QuantizationMethod
+# bitsandbytes block sizes for 4-bit: powers of two it has kernels for.
+_BNB_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_CUDA = Support(True, "bitsandbytes CUDA kernels.", True)
+_APPLE = Support(False, "bitsandbytes has no supported Apple GPU backend; use QUANTO_INT4/HQQ/MLX.", False)
+_CPU = Support(True, "bitsandbytes >= 0.48 ships CPU kernels (measured here with 0.50); the design "
+                     "document predates them.", False)
+_SUPPORT = {"cuda": _CUDA, "mps": _APPLE, "mlx": _APPLE, "cpu": _CPU}
+
+def _normalize_4bit(config: QuantizationConfig) -> None:
+    if config.quant_type not in (None, "nf4", "fp4"):
+        raise ValueError(f"quant_type={config.quant_type!r} is not valid; allowed: nf4, fp4")
+    implied = "fp4" if config.method is M.BNB_FP4 else "nf4"
+    if config.quant_type not in (None, implied):
+        other = "bnb_fp4" if implied == "nf4" else "bnb_nf4"
+        raise ValueError(f"quant_type={config.quant_type!r} contradicts method={config.method.value!r}; "
+                         f"use method={other!r} instead")
+    config.quant_type = implied
+    if config.double_quant is None:
+        config.double_quant = True
+
+
+def _bits_4bit(config: QuantizationConfig, in_features: int) -> float:
+    if config.double_quant:  # uint8 absmax per block, then an fp32 absmax and fp32 offset per 256 blocks
+        return config.bits + 8 / config.group_size + 32 / (config.group_size * 256)
+    return config.bits + 32 / config.group_size
+
+
+_NESTED_BLOCK = 256  # bitsandbytes quantizes the 4-bit absmax again in blocks of 256
+_NESTED_CODE = 256  # entries of the dynamic map the nested absmax uses (fp32)
+_CODE = 16  # entries of the NF4/FP4 quant map (fp32)
+
+
+def _nbytes_4bit(config: QuantizationConfig, in_features: int, out_features: int, bias: bool,
+                 weight_dtype: torch.dtype, cdt: int) -> int:
+    numel = in_features * out_features
+    blocks = math.ceil(numel / config.group_size)
+    if config.double_quant:
+        stats = blocks + math.ceil(blocks / _NESTED_BLOCK) * 4 + _NESTED_CODE * 4 + 4
+    else:
+        stats = blocks * 4
+    return (numel + 1) // 2 + stats + _CODE * 4 + (out_features * cdt if bias else 0)
+
+
+def _nbytes_int8(config: QuantizationConfig, in_features: int, out_features: int, bias: bool,
+                 weight_dtype: torch.dtype, cdt: int) -> int:
+    # int8 rows + fp32 row scales; Linear8bitLt keeps the bias in the layer's own dtype
+    return in_features * out_features + out_features * 4 + (out_features * weight_dtype.itemsize if bias else 0)
+
+
+_NF4 = MethodSpec(
+    "bitsandbytes", (4,), 4, _BNB_BLOCKS, 64, "bitsandbytes 4-bit NormalFloat (QLoRA)",
+    support=_SUPPORT,
+    fallback=((M.QUANTO_INT4, 4), (M.HQQ, 4), (M.MLX_INT4, 4), (M.NONE, None)),
+    fsdp=FSDPSupport("sharded", "sharded", PACKED_FSDP_STORAGE,
+                     "packed 4-bit data sharded; QuantState (absmax, code) whole on each rank; "
+                     "the layer restores Params4bit from module.quant_state",
+                     "tests/test_fsdp.py: FSDP2 (uint8 storage), FSDP1 (float32 storage)"),
+    bits_per_weight=_bits_4bit,
+    layer_nbytes=_nbytes_4bit,
+    candidates=(RecommendationCandidate(("cuda",), 30, dict(double_quant=True)),),
+    mixed_precision=(dict(method="bnb_nf4"), dict(method="bnb_int8"), dict(method="none")),
+    normalize=_normalize_4bit,
+)
+#: The three bitsandbytes methods, as this module declares them to :mod:`quantization_wrapper.methods`.
+BNB_METHOD_SPECS = {
+    M.BNB_NF4: _NF4,
+    M.BNB_FP4: replace_spec(
+        _NF4, description="bitsandbytes 4-bit float",
+        support={k: Support(v.supported, v.reason, None) for k, v in _SUPPORT.items()},
+        fallback=((M.BNB_NF4, 4), (M.QUANTO_INT4, 4), (M.HQQ, 4), (M.MLX_INT4, 4), (M.NONE, None)),
+        fsdp=FSDPSupport("sharded", "sharded", PACKED_FSDP_STORAGE, "as bnb_nf4", "same layer type as bnb_nf4"),
+        candidates=(), mixed_precision=()),
+    M.BNB_INT8: MethodSpec(
+        "bitsandbytes", (8,), 8, None, None, "bitsandbytes LLM.int8() row-wise absmax",
+        support=_SUPPORT,
+        fallback=((M.QUANTO_INT8, 8), (M.HQQ, 8), (M.MLX_INT8, 8), (M.NONE, None)),
+        fsdp=FSDPSupport("replicated", "replicated", "ignored (always int8)",
+                         "Int8Params keeps CB/SCB as attributes, which sharding drops", "by hand: FSDP2, FSDP1"),
+        bits_per_weight=lambda config, in_features: 8 + 32 / in_features,  # fp32 row scale (SCB)
+        layer_nbytes=_nbytes_int8,
+        candidates=(RecommendationCandidate(("cuda",), 20, {}, inference_only=True),),
+    ),
+}
+for _method, _spec in BNB_METHOD_SPECS.items():
+    register_method(_method, _spec)
+register_config("nf4", dict(method="bnb_nf4", double_quant=True, compute_dtype="bfloat16"))
+register_config("fp4", dict(method="bnb_fp4", double_quant=True, compute_dtype="bfloat16"))
+register_config("int8", dict(method="bnb_int8"))
+
 _BNB_4BIT = (M.BNB_NF4, M.BNB_FP4)
 # Block sizes bitsandbytes' quantize_4bit accepts (bitsandbytes.functional.quantize_4bit).
 _BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -348,7 +448,7 @@ class BitsAndBytesAdapter(QuantizationAdapter):
 
         targets: list[tuple[str, QuantizationConfig, set[str] | None]] = [("", config, None)]
         for pattern, overrides in config.layer_configs.items():
-            layer = config._merged(overrides)
+            layer = config.with_overrides(overrides)
             if layer.method in cls.methods:
                 # A method switch makes an inherited storage_dtype matter to this layer.
                 own = set(overrides) | ({"storage_dtype"} if "method" in overrides else set())

@@ -13,22 +13,32 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
+from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str, register_config
+from ..methods import FSDPSupport, MethodSpec, RecommendationCandidate, Support, register_method
+from ..tensors import FloatLinear
 from .base import LayerStateSpec, QuantizationAdapter, autocast_dtype, common_dtype, register_adapter
 
-__all__ = ["FallbackAdapter", "FloatLinear"]
+__all__ = ["FallbackAdapter", "FloatLinear", "NONE_METHOD_SPEC"]
 
 
-class FloatLinear(nn.Linear):
-    """An ``nn.Linear`` whose weights may be in another dtype than its input (like the quantized
-    layers: compute in the weights' dtype, return the input's dtype; under ``torch.autocast``, as
-    ``nn.Linear``, in the autocast dtype)."""
+def _float_bits(config: QuantizationConfig, in_features: int) -> float:
+    return float(torch.finfo(config.compute_dtype or torch.float16).bits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if x.dtype == w.dtype or autocast_dtype(x) is not None:
-            return super().forward(x)
-        return nn.functional.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
+
+_NONE = Support(True, "No quantization: weights stay in floating point.", None)
+#: No quantization, as this module declares it to :mod:`quantization_wrapper.methods`.
+NONE_METHOD_SPEC = MethodSpec(
+    None, (1, 2, 3, 4, 5, 6, 8, 16, 32), 16, None, None, "no quantization (fallback): weights stay in float",
+    support={"cuda": _NONE, "mps": _NONE, "mlx": _NONE, "cpu": _NONE},
+    fsdp=FSDPSupport("sharded", "sharded", "not used", "plain float weights", "by hand: FSDP2, FSDP1"),
+    bits_per_weight=_float_bits,
+    layer_nbytes=lambda config, in_features, out_features, bias, weight_dtype, cdt:
+        (in_features * out_features + (out_features if bias else 0)) * cdt,
+    candidates=(RecommendationCandidate(("cpu",), 0, dict(compute_dtype=torch.float32)),
+                RecommendationCandidate(("cuda", "mps", "mlx", "cpu"), 10, {})),
+)
+register_method(QuantizationMethod.NONE, NONE_METHOD_SPEC)
+register_config("none", dict(method="none"))
 
 
 @register_adapter(QuantizationMethod.NONE)

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
-from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
+from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str, register_config
+from ..methods import PACKED_FSDP_STORAGE, FSDPSupport, MethodSpec, RecommendationCandidate, Support, register_method
 from .base import LayerStateSpec, QuantizationAdapter, autocast_dtype, common_dtype, register_adapter, tensor_nbytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +51,68 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..validation import ValidationIssue
 
 __all__ = ["HQQAdapter", "hqq_group_size_problem"]
+
+
+# ---------------------------------------------------------------------- what the package knows
+M = QuantizationMethod
+
+
+def _normalize(config: QuantizationConfig) -> None:
+    if config.group_size is not None and config.group_size % 8:
+        raise ValueError(f"group_size={config.group_size} is not valid for method='hqq'; it must be a "
+                         f"multiple of 8 (e.g. 32, 64, 128)")
+
+
+def _bits(config: QuantizationConfig, in_features: int) -> float:
+    meta_bits = 8 * (config.compute_dtype or torch.float16).itemsize  # scale and zero in the compute dtype
+    packed = {3: 32 / 10}.get(config.bits, config.bits)  # hqq packs 3-bit as 10 values per int32
+    return packed + 2 * meta_bits / (config.group_size or in_features)
+
+
+_PACK_ROWS = {1: 8, 2: 4, 4: 2, 8: 1}  # rows of packed uint8 per group row (3-bit: 10 values per int32)
+
+
+def _layer_nbytes(config: QuantizationConfig, in_features: int, out_features: int, bias: bool,
+                  weight_dtype: torch.dtype, cdt: int) -> int:
+    numel, bits = in_features * out_features, config.bits
+    axis = config.backend_options.get("axis", 1)
+    group = config.group_size or (in_features if axis == 1 else out_features)
+    groups = numel // group
+    if axis == 1:
+        packed = math.ceil(groups / 10) * group * 4 if bits == 3 else groups // _PACK_ROWS[bits] * group
+    else:
+        packed = math.ceil(group / 10) * groups * 4 if bits == 3 else group // _PACK_ROWS[bits] * groups
+    return packed + 2 * groups * cdt + (out_features * cdt if bias else 0)
+
+
+_ANY = Support(True, "HQQ is calibration-free and pure PyTorch, with optional CUDA kernels.", True)
+#: HQQ as this module declares it to :mod:`quantization_wrapper.methods`.
+HQQ_METHOD_SPEC = MethodSpec(
+    "hqq", (1, 2, 3, 4, 8), 4, None, 64, "Half-Quadratic Quantization, calibration-free affine",
+    support={"cuda": _ANY, "mps": _ANY, "mlx": _ANY, "cpu": _ANY},
+    fallback=((M.MLX_INT4, None), (M.QUANTO_INT4, None), (M.NONE, None)),
+    fsdp=FSDPSupport("sharded", "sharded", PACKED_FSDP_STORAGE,
+                     "W_q sharded; scales and zero points (HQQLinear.meta) whole on each rank",
+                     "tests/test_fsdp.py: FSDP2 (float32 storage); by hand: FSDP2 (uint8), FSDP1 (float32)"),
+    bits_per_weight=_bits,
+    layer_nbytes=_layer_nbytes,
+    candidates=(RecommendationCandidate(("cuda",), 40, dict(bits=3, group_size=64)),
+                RecommendationCandidate(("cuda",), 50, dict(bits=2, group_size=16)),
+                RecommendationCandidate(("cpu",), 20, dict(bits=8, group_size=128), inference_only=True),
+                RecommendationCandidate(("cpu",), 30, dict(bits=4, group_size=64)),
+                RecommendationCandidate(("cpu",), 40, dict(bits=3, group_size=64)),
+                RecommendationCandidate(("cpu",), 50, dict(bits=2, group_size=16))),
+    # 1 bit is allowed but not tried by default: without calibration it rarely pays for its error.
+    mixed_precision=tuple(dict(method="hqq", bits=b, group_size=g) for b in (2, 3, 4, 8) for g in (32, 64, 128)),
+    normalize=_normalize,
+)
+register_method(M.HQQ, HQQ_METHOD_SPEC)
+register_config("hqq4", dict(method="hqq", bits=4, group_size=64))
+register_config("hqq8", dict(method="hqq", bits=8, group_size=128))
+register_config("hqq2", dict(method="hqq", bits=2, group_size=16))
+# Attention at 8 bits, feed-forward at 4 bits (design document 002's mixed precision).
+register_config("mixed_attn8_ffn4", dict(method="hqq", bits=4, group_size=64,
+                                         layer_configs={"re:.*(attn|attention).*": {"bits": 8, "group_size": 128}}))
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Rows of groups hqq packs into one storage row, per bit width (3-bit: 10 per int32, padded).
@@ -308,7 +371,7 @@ class HQQAdapter(QuantizationAdapter):
         super().__init__(config, backend, device=device)
         _options(self.config)
         for pattern, overrides in self.config.layer_configs.items():
-            layer = self.config._merged(overrides)
+            layer = self.config.with_overrides(overrides)
             if layer.method is QuantizationMethod.HQQ:
                 try:
                     _options(layer)
