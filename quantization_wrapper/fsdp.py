@@ -57,6 +57,7 @@ from torch import nn
 
 from .config import QuantizationMethod, dtype_to_str
 from .methods import METHOD_SPECS, FSDPSupport, method_spec
+from .registry import adapter_class_for_module
 from .surgery import get_quantization_plan
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "apply_fsdp",
     "fsdp_auto_wrap_policy",
     "restore_bnb_quant_state",
+    "prepare_layers_for_fsdp",
     "full_lora_state_dict",
     "save_lora_adapter",
     "fsdp_quantized_bytes",
@@ -163,22 +165,20 @@ def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
     return ignored
 
 
-def restore_bnb_quant_state(model: nn.Module) -> int:
-    """Give every bitsandbytes ``Linear4bit`` the ``module.quant_state`` its forward rebuilds the
-    weight from once FSDP has replaced the ``Params4bit`` by a plain tensor. Returns how many
-    layers needed it."""
+def prepare_layers_for_fsdp(model: nn.Module) -> int:
+    """Let each quantized layer's adapter prepare it for sharding (``prepare_for_fsdp``: bitsandbytes
+    4-bit layers keep their ``module.quant_state`` for the forward to rebuild the weight from once
+    FSDP has replaced ``Params4bit`` by a plain tensor). Returns how many layers needed it."""
     fixed = 0
-    for _, method, module in _layer_methods(model).values():
-        if method not in (M.BNB_NF4, M.BNB_FP4):
-            continue
-        state = getattr(module.weight, "quant_state", None)
-        if getattr(module, "quant_state", None) is None and state is not None:
-            module.quant_state = state
+    for _, _, module in _layer_methods(model).values():
+        cls = adapter_class_for_module(module)
+        if cls is not None and cls.prepare_for_fsdp(module):
             fixed += 1
-        if getattr(module, "quant_state", None) is None:
-            raise ValueError(f"bitsandbytes layer {type(module).__name__} has no quant_state: it was never "
-                             f"quantized, and FSDP cannot shard it")
     return fixed
+
+
+#: The name this had when only bitsandbytes needed it.
+restore_bnb_quant_state = prepare_layers_for_fsdp
 
 
 # ---------------------------------------------------------------------- checks
@@ -242,7 +242,7 @@ def apply_fsdp(model: nn.Module, *, mesh: Any = None, reshard_after_forward: boo
     FSDP1: ``FullyShardedDataParallel`` with :func:`fsdp_auto_wrap_policy` and
     ``use_orig_params=True``. Either way the weights of methods that cannot shard (quanto,
     bitsandbytes INT8; see :data:`FSDP_SUPPORT`) are left out (replicated, still quantized),
-    bitsandbytes 4-bit layers get their ``module.quant_state`` (:func:`restore_bnb_quant_state`),
+    bitsandbytes 4-bit layers get their ``module.quant_state`` (:func:`prepare_layers_for_fsdp`),
     and :func:`check_fsdp_compatibility` runs first.
 
     Args:
@@ -276,7 +276,7 @@ def apply_fsdp(model: nn.Module, *, mesh: Any = None, reshard_after_forward: boo
     problems = check_fsdp_compatibility(model, version=version, param_dtype=param_dtype)
     if problems:
         raise ValueError("this model cannot be sharded as configured:\n  - " + "\n  - ".join(problems))
-    restore_bnb_quant_state(model)
+    prepare_layers_for_fsdp(model)
     ignored = fsdp_ignored_params(model)
     classes = tuple(layer_classes or decoder_layer_classes(model))
 

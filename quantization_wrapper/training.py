@@ -104,7 +104,7 @@ def _cast_input_hooks(module: nn.Module, dtype: torch.dtype) -> None:
 
 def _needs_peft_integration(layers: dict[str, nn.Module]) -> bool:
     """Some layer has no LoRA layer in peft or is missed by "all-linear" (all but bitsandbytes')."""
-    return any(is_quantized_module(m) and not type(m).__module__.startswith("bitsandbytes")
+    return any(is_quantized_module(m) and not adapter_class_for_module(m).peft_native
                for m in layers.values())
 
 

@@ -147,6 +147,18 @@ class QuantizationAdapter(ABC):
         ``quantization_config`` is the source). peft's LoRA layer of ours uses it."""
         return None
 
+    #: peft has a LoRA layer for this adapter's layers and finds them with ``"all-linear"``
+    #: (bitsandbytes): :func:`~quantization_wrapper.training.prepare_model_for_training` then needs no
+    #: peft integration for them.
+    peft_native: ClassVar[bool] = False
+
+    @classmethod
+    def prepare_for_fsdp(cls, module: nn.Module) -> bool:
+        """Make ``module`` ready for FSDP to shard its parameters (called by ``apply_fsdp`` before
+        sharding); return whether anything was changed. Raise ``ValueError`` naming the fix when the
+        layer cannot be sharded."""
+        return False
+
     @classmethod
     def lora_layer_types(cls) -> tuple[type, ...]:
         """Quantized layer types peft has no LoRA layer for: peft is given

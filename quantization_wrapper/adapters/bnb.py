@@ -417,6 +417,23 @@ class BitsAndBytesAdapter(QuantizationAdapter):
             problems are reported by :func:`~quantization_wrapper.validate_quantization_config`.
     """
 
+    peft_native = True  # peft's bnb LoRA layers; "all-linear" finds Linear4bit / Linear8bitLt
+
+    @classmethod
+    def prepare_for_fsdp(cls, module: nn.Module) -> bool:
+        """Give a ``Linear4bit`` the ``module.quant_state`` its forward rebuilds the weight from once
+        FSDP has replaced the ``Params4bit`` by a plain tensor."""
+        if not hasattr(module.weight, "quant_state") and not hasattr(module, "quant_state"):
+            return False  # Linear8bitLt: kept whole (FSDPSupport "replicated")
+        state = getattr(module.weight, "quant_state", None)
+        fixed = getattr(module, "quant_state", None) is None and state is not None
+        if fixed:
+            module.quant_state = state
+        if getattr(module, "quant_state", None) is None:
+            raise ValueError(f"bitsandbytes layer {type(module).__name__} has no quant_state: it was never "
+                             f"quantized, and FSDP cannot shard it")
+        return fixed
+
     library = "bitsandbytes"
     library_module = "bitsandbytes"
 
