@@ -17,6 +17,7 @@ The modules, bottom up (each imports only modules listed before it):
 from __future__ import annotations
 
 from .calibration import CalibrationStats, collect_calibration_stats
+from .calibration import default_output  # noqa: F401  (its old import path)
 from .candidates import METHOD_FAMILIES, Candidate, default_candidates, mixes_bit_widths
 from .planner import InfeasibleBudgetError, LayerChoice, MixedPrecisionPlan, plan_mixed_precision
 from .sensitivity import SensitivityAnalyzer

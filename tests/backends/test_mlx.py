@@ -28,6 +28,7 @@ from torch import nn
 from backend_manager import get_library_status
 from quantization_wrapper import QuantizationConfig, create_quantization_adapter
 from quantization_wrapper.adapters import mlx as mlx_adapter
+from quantization_wrapper.adapters.mlx import codec as mlx_codec
 from quantization_wrapper.adapters.base import is_quantized_module, tensor_nbytes
 from quantization_wrapper.adapters.mlx import (
     MLX_CPU_MAX_ROWS,
@@ -65,7 +66,7 @@ def error_bound(bits: int, dtype: torch.dtype) -> float:
 
 # ---------------------------------------------------------------------- helpers
 def mlx_usable() -> bool:
-    return mlx_adapter._mlx_core("cpu") is not None
+    return mlx_adapter.mlx_core("cpu") is not None
 
 
 @pytest.fixture
@@ -100,11 +101,11 @@ def fitted_config(ad: MLXAdapter, in_features: int, out_features: int) -> Quanti
 
 
 def to_mx(mx, t: torch.Tensor):
-    return mlx_adapter._to_mx(mx, t)
+    return mlx_adapter.to_mx(mx, t)
 
 
 def to_torch(mx, a) -> torch.Tensor:
-    return mlx_adapter._to_torch(mx, a)
+    return mlx_adapter.to_torch(mx, a)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -333,7 +334,7 @@ def test_without_mlx_the_torch_quantizer_and_path_give_the_same_layer(monkeypatc
     x = torch.randn(3, 256, dtype=torch.float16)
     with_mlx = adapter(bits=3).quantize_linear(linear) if mlx_usable() else None
 
-    monkeypatch.setattr(mlx_adapter, "_mlx_core", lambda device_type="cpu": None)
+    monkeypatch.setattr(mlx_codec, "mlx_core", lambda device_type="cpu": None)
     ad = adapter(bits=3)
     module = ad.quantize_linear(linear)
     assert module._mx_cache is None

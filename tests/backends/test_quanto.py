@@ -402,18 +402,18 @@ def test_llama_layer_configs_skip_modules_and_filter():
 
 # ------------------------------------------------------------------ CPU int4 kernel layout
 def test_int4pack_layout_is_identified_and_each_candidate_inverts():
-    from quantization_wrapper.adapters.quanto import (_INT4PACK_CANDIDATES, _int4pack, _int4unpack,
+    from quantization_wrapper.adapters.quanto import (INT4PACK_CANDIDATES, int4pack, int4unpack,
                                                       cpu_int4pack_layout)
 
     layout = cpu_int4pack_layout()
-    assert layout in _INT4PACK_CANDIDATES  # one of torch's three layouts on this CPU
+    assert layout in INT4PACK_CANDIDATES  # one of torch's three layouts on this CPU
     g = torch.Generator().manual_seed(0)
     for n in (48, 128, 176, 2048):
         w = torch.randint(0, 16, (n, 256), dtype=torch.uint8, generator=g)
         kernel = torch._convert_weight_to_int4pack_for_cpu(w.to(torch.int32), innerKTiles=2)
-        assert torch.equal(_int4pack(w, *layout), kernel), n
-        for candidate in _INT4PACK_CANDIDATES:
-            assert torch.equal(_int4unpack(_int4pack(w, *candidate), n, 256, *candidate), w), (n, candidate)
+        assert torch.equal(int4pack(w, *layout), kernel), n
+        for candidate in INT4PACK_CANDIDATES:
+            assert torch.equal(int4unpack(int4pack(w, *candidate), n, 256, *candidate), w), (n, candidate)
 
 
 @pytest.mark.parametrize("block", [32, 64])
@@ -423,14 +423,14 @@ def test_regroup_from_standard_bytes_equals_the_generic_pack_for_each_halves_lay
     row n + N/2."""
     from optimum.quanto.tensor.packed import PackedTensor
 
-    from quantization_wrapper.adapters.quanto import _int4pack, _regroup_halves
+    from quantization_wrapper.adapters.quanto import int4pack, regroup_halves
 
     g = torch.Generator().manual_seed(block)
     for n, k in ((2 * block, 128), (6 * block, 256), (2048, 512)):
         nibbles = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
         standard = PackedTensor.pack(nibbles, 4)._data
         assert standard.shape == (n // 2, k)
-        assert torch.equal(_regroup_halves(standard, n, k, block), _int4pack(nibbles, block, True)), (n, k)
+        assert torch.equal(regroup_halves(standard, n, k, block), int4pack(nibbles, block, True)), (n, k)
 
 
 @pytest.mark.parametrize("out_features", [128, 176, 384, 2048])

@@ -45,9 +45,6 @@ registered when this package is imported), ``interop`` (mlx-lm's quantization co
 
 from __future__ import annotations
 
-import sys
-import types
-
 from . import methods  # noqa: F401  (declares the methods before anything builds a config)
 from . import codec
 from .adapter import MLX_BACKEND_OPTIONS, MLXAdapter
@@ -68,21 +65,3 @@ __all__ = [
     "mlx_quantize",
     "mlx_lm_quantization_config",
 ]
-
-# The names these helpers had before the package split (tests/backends/test_mlx.py uses them).
-_mlx_core = mlx_core
-_to_mx = to_mx
-_to_torch = to_torch
-
-
-class _Package(types.ModuleType):
-    """This package, where assigning ``_mlx_core`` (tests simulate a machine without MLX that way)
-    replaces :func:`codec.mlx_core`, which the codec, the layer and the adapter call."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "_mlx_core":
-            codec.mlx_core = value
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -43,11 +43,6 @@ from .layout import INT4PACK_CANDIDATES, cpu_int4pack_layout, int4pack, int4unpa
 
 __all__ = ["QuantoAdapter", "quanto_group_size"]
 
-# The names these helpers had before the package split (tests/backends/test_quanto.py imports them).
-_INT4PACK_CANDIDATES = INT4PACK_CANDIDATES
-_int4pack = int4pack
-_int4unpack = int4unpack
-_regroup_halves = regroup_halves
 
 
 def __getattr__(name: str) -> Any:
