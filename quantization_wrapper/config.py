@@ -24,6 +24,7 @@ __all__ = [
     "METHOD_SPECS",
     "bits_per_weight",
     "TYPICAL_IN_FEATURES",
+    "LAYER_FIELDS",
     "MethodSpec",
     "CONFIG_FORMAT_VERSION",
     "parse_dtype",
@@ -46,7 +47,8 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LAYER_KEYS = ("method", "bits", "group_size", "compute_dtype", "storage_dtype", "double_quant",
+#: The fields a ``layer_configs`` override may set.
+LAYER_FIELDS = ("method", "bits", "group_size", "compute_dtype", "storage_dtype", "double_quant",
                "quant_type", "backend_options")
 
 
@@ -164,10 +166,10 @@ class QuantizationConfig:
             validate_pattern(pattern, "layer_configs")
             if not isinstance(overrides, Mapping):
                 raise ValueError(f"layer_configs[{pattern!r}]={overrides!r} must be a dict of overrides")
-            unknown = sorted(set(overrides) - set(_LAYER_KEYS))
+            unknown = sorted(set(overrides) - set(LAYER_FIELDS))
             if unknown:
                 raise ValueError(f"layer_configs[{pattern!r}] has unknown keys {unknown}; allowed: "
-                                 f"{', '.join(_LAYER_KEYS)}")
+                                 f"{', '.join(LAYER_FIELDS)}")
             overrides = dict(overrides)
             try:  # normalize (strings -> enum/dtypes), then validate by building the layer config once
                 if "method" in overrides:
@@ -191,9 +193,9 @@ class QuantizationConfig:
             ValueError: an override is not a per-layer field, or the result is not a valid config.
         """
         overrides = {**(overrides or {}), **fields}
-        unknown = sorted(set(overrides) - set(_LAYER_KEYS))
+        unknown = sorted(set(overrides) - set(LAYER_FIELDS))
         if unknown:
-            raise ValueError(f"with_overrides: unknown per-layer fields {unknown}; allowed: {', '.join(_LAYER_KEYS)}")
+            raise ValueError(f"with_overrides: unknown per-layer fields {unknown}; allowed: {', '.join(LAYER_FIELDS)}")
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values.update(skip_modules=[], layer_configs={})
         if "method" in overrides and QuantizationMethod.parse(overrides["method"]) is not self.method:

@@ -206,6 +206,14 @@ class MethodSpec:
             family's base method; empty: the family has no default candidates of its own.
         normalize: ``f(config) -> None``, run when a config with this method is built: fills in
             and checks the fields only this method gives meaning to (raises ``ValueError``).
+        options: the optional config fields it honours (``"double_quant"``); validation warns
+            that the others, when set, are ignored.
+        precision_tiers: ``{"high": fields, "low": fields, "default": fields}``: the family's higher
+            and lower precision settings, for the component and adaptive presets (attention high,
+            feed-forward low); declared on the family's base method.
+        option_warnings: ``f(config) -> [(field, message, suggestion)]``: settings that are valid
+            but that the method cannot honour as asked (reported by validation as warnings, per
+            layer).
     """
 
     library: str | None
@@ -223,6 +231,9 @@ class MethodSpec:
     candidates: tuple[RecommendationCandidate, ...] = ()
     mixed_precision: tuple[Mapping[str, Any], ...] = ()
     normalize: Callable[[Any], None] | None = field(default=None, compare=False)
+    options: tuple[str, ...] = ()
+    precision_tiers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    option_warnings: Callable[[Any], list[tuple[str, str, str]]] | None = field(default=None, compare=False)
 
     def support_on(self, backend: Any) -> Support:
         """The compatibility cell for ``backend`` (a ``Backend`` or its value)."""

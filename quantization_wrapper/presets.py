@@ -29,8 +29,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .config import _LAYER_KEYS as LAYER_CONFIG_KEYS
+from .config import LAYER_FIELDS as LAYER_CONFIG_KEYS
 from .config import QuantizationConfig, QuantizationMethod, list_configs, register_config
+from .methods import METHOD_SPECS
 from .patterns import REGEX_PREFIX, validate_pattern
 
 __all__ = [
@@ -57,21 +58,25 @@ MLP_PATTERN = (r"re:(?!.*\.(gate|router)\Z)(?:(.*\.)?(mlp|ffn|feed_forward|feedf
 #: Output layers kept in full precision: the language-model head, classifiers, poolers.
 OUTPUT_PATTERN = r"re:(.*\.)?(lm_head|embed_out|output_layer|classifier|score|pooler|qa_outputs)(\..*)?"
 
+class _FamilySettings(Mapping):
+    """``{family: {"high": fields, "low": fields, "default": fields}}``: what each family's base
+    method declares (:attr:`~quantization_wrapper.methods.MethodSpec.precision_tiers`)."""
+
+    def _items(self) -> dict[str, Mapping[str, Any]]:
+        return {m.family: spec.precision_tiers for m, spec in METHOD_SPECS.items() if spec.precision_tiers}
+
+    def __getitem__(self, family: str) -> Mapping[str, Any]:
+        return self._items()[family]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+
 #: Per family: the method, and the settings of "high" (attention), "low" (MLP) and "default".
-FAMILY_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "hqq": {"high": {"method": "hqq", "bits": 8, "group_size": 128},
-            "low": {"method": "hqq", "bits": 4, "group_size": 64},
-            "default": {"method": "hqq", "bits": 8, "group_size": 128}},
-    "mlx": {"high": {"method": "mlx_int4", "bits": 8, "group_size": 64},
-            "low": {"method": "mlx_int4", "bits": 4, "group_size": 64},
-            "default": {"method": "mlx_int4", "bits": 8, "group_size": 64}},
-    "bnb": {"high": {"method": "bnb_int8"},
-            "low": {"method": "bnb_nf4"},
-            "default": {"method": "bnb_int8"}},
-    "quanto": {"high": {"method": "quanto_int8"},
-               "low": {"method": "quanto_int4"},
-               "default": {"method": "quanto_int8"}},
-}
+FAMILY_SETTINGS: Mapping[str, Mapping[str, Any]] = _FamilySettings()
 
 
 def _family(method_family: Any) -> str:
@@ -257,8 +262,8 @@ def rules_to_layer_configs(rules: Iterable[Any], *, first_match_wins: bool = Tru
 # ---------------------------------------------------------------------- registration
 def _builtin_presets() -> dict[str, QuantizationConfig]:
     """The presets this module registers, built fresh on each call (nothing shared is mutated)."""
-    presets = {f"component_{family}": component_preset(family) for family in ("hqq", "mlx", "bnb", "quanto")}
-    presets.update({f"adaptive_{family}": adaptive_preset(family) for family in ("hqq", "mlx", "bnb")})
+    presets = {f"component_{family}": component_preset(family) for family in FAMILY_SETTINGS}
+    presets.update({f"adaptive_{family}": adaptive_preset(family) for family in FAMILY_SETTINGS})
     return presets
 
 

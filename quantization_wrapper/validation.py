@@ -23,7 +23,6 @@ __all__ = ["Severity", "ValidationIssue", "validate_quantization_config", "error
            "require_runnable"]
 
 M = QuantizationMethod
-_BNB_4BIT = (M.BNB_NF4, M.BNB_FP4)
 
 
 class Severity(str, Enum):
@@ -99,20 +98,19 @@ def _option_issues(config: QuantizationConfig, backend: Backend, where: str) -> 
         issues.append(_error(prefix + "compute_dtype",
                              f"bfloat16 is not supported for compute on the {backend.value} backend.",
                              "use compute_dtype=torch.float16."))
-    if config.double_quant is not None and method not in _BNB_4BIT:
+    spec = method_spec(method)
+    if config.double_quant is not None and "double_quant" not in spec.options:
         issues.append(_warning(prefix + "double_quant",
                                f"double_quant={config.double_quant} is ignored by {method.value}; only "
                                f"bitsandbytes 4-bit quantizes its scales a second time.",
                                "leave double_quant unset (None)."))
-    if config.group_size is not None and method in (M.BNB_INT8, M.QUANTO_INT8, M.QUANTO_FP8, M.NONE):
+    if config.group_size is not None and spec.default_group_size is None:
         issues.append(_warning(prefix + "group_size",
                                f"group_size={config.group_size} is ignored: {method.value} uses one scale "
                                f"per output row.", "leave group_size unset (None)."))
-    if method in (M.QUANTO_INT2, M.QUANTO_INT4) and config.group_size != 128:
-        issues.append(_warning(prefix + "group_size",
-                               f"group_size={config.group_size} cannot be honoured: optimum-quanto fixes the "
-                               f"group size of {method.value} at 128.",
-                               "use group_size=128, or method='hqq' for another group size."))
+    if spec.option_warnings is not None:
+        issues += [_warning(prefix + field, message, suggestion)
+                   for field, message, suggestion in spec.option_warnings(config)]
     if method is M.NONE and config.bits != METHOD_SPECS[M.NONE].default_bits:
         issues.append(_warning(prefix + "bits",
                                f"bits={config.bits} is ignored by method 'none': weights stay in floating point.",

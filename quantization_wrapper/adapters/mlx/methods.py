@@ -56,6 +56,9 @@ _INT4 = MethodSpec(
                 RecommendationCandidate(("mps", "mlx"), 40, dict(bits=3, group_size=64)),
                 RecommendationCandidate(("mps", "mlx"), 50, dict(bits=2, group_size=32))),
     mixed_precision=tuple(dict(method="mlx_int4", bits=b, group_size=g) for b in _BITS for g in _GROUPS),
+    precision_tiers={"high": {"method": "mlx_int4", "bits": 8, "group_size": 64},
+                     "low": {"method": "mlx_int4", "bits": 4, "group_size": 64},
+                     "default": {"method": "mlx_int4", "bits": 8, "group_size": 64}},
 )
 #: The MLX methods as this package declares them.
 MLX_METHOD_SPECS = {
@@ -65,7 +68,7 @@ MLX_METHOD_SPECS = {
         fallback=((M.HQQ, None), (M.QUANTO_INT8, 8), (M.BNB_INT8, 8), (M.NONE, None)),
         fsdp=FSDPSupport("sharded", "sharded", "as mlx_int4", "as mlx_int4", "same layer type as mlx_int4"),
         candidates=(RecommendationCandidate(("mps", "mlx"), 20, dict(group_size=64), inference_only=True),),
-        mixed_precision=()),
+        mixed_precision=(), precision_tiers={}),
 }
 for _method, _spec in MLX_METHOD_SPECS.items():
     register_method(_method, _spec)

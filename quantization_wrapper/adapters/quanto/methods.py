@@ -44,6 +44,14 @@ def _row_nbytes(config: QuantizationConfig, in_features: int, out_features: int,
     return in_features * out_features + out_features * cdt + (out_features * cdt if bias else 0) + 2 * cdt
 
 
+def _fixed_group(config: QuantizationConfig) -> list[tuple[str, str, str]]:
+    if config.group_size == 128:
+        return []
+    return [("group_size", f"group_size={config.group_size} cannot be honoured: optimum-quanto fixes the "
+                           f"group size of {config.method.value} at 128.",
+             "use group_size=128, or method='hqq' for another group size.")]
+
+
 _INT2 = MethodSpec(
     "optimum-quanto", (2,), 2, None, 128, "optimum-quanto qint2 weights",
     support=_SUPPORT,
@@ -53,6 +61,7 @@ _INT2 = MethodSpec(
                      "same layer type as quanto_int4"),
     bits_per_weight=_grouped_bits,
     layer_nbytes=_grouped_nbytes,
+    option_warnings=_fixed_group,
 )
 #: The quanto methods as this package declares them.
 QUANTO_METHOD_SPECS = {
@@ -62,20 +71,22 @@ QUANTO_METHOD_SPECS = {
         fallback=((M.HQQ, 4), (M.MLX_INT4, 4), (M.BNB_NF4, 4), (M.NONE, None)),
         fsdp=FSDPSupport("replicated", "replicated", _REPLICATED, "as quanto_int2",
                          "tests/test_fsdp.py: FSDP2; by hand: FSDP1"),
-        mixed_precision=tuple(dict(method=m) for m in ("quanto_int2", "quanto_int4", "quanto_int8"))),
+        mixed_precision=tuple(dict(method=m) for m in ("quanto_int2", "quanto_int4", "quanto_int8")),
+        precision_tiers={"high": {"method": "quanto_int8"}, "low": {"method": "quanto_int4"},
+                         "default": {"method": "quanto_int8"}}),
     M.QUANTO_INT8: replace_spec(
         _INT2, bits=(8,), default_bits=8, default_group_size=None,
         description="optimum-quanto qint8 weights, per output channel",
         fallback=((M.HQQ, 8), (M.BNB_INT8, 8), (M.MLX_INT8, 8), (M.NONE, None)),
         fsdp=FSDPSupport("replicated", "replicated", _REPLICATED, "as quanto_int2", "same layer type as quanto_int4"),
-        bits_per_weight=_row_bits, layer_nbytes=_row_nbytes),
+        bits_per_weight=_row_bits, layer_nbytes=_row_nbytes, option_warnings=None),
     M.QUANTO_FP8: replace_spec(
         _INT2, bits=(8,), default_bits=8, default_group_size=None,
         description="optimum-quanto qfloat8 (e4m3) weights",
         support={k: Support(v.supported, v.reason, None) for k, v in _SUPPORT.items()},
         fallback=((M.QUANTO_INT8, 8), (M.HQQ, 8), (M.MLX_INT8, 8), (M.NONE, None)),
         fsdp=FSDPSupport("replicated", "replicated", _REPLICATED, "as quanto_int2", "same layer type as quanto_int4"),
-        bits_per_weight=_row_bits, layer_nbytes=_row_nbytes),
+        bits_per_weight=_row_bits, layer_nbytes=_row_nbytes, option_warnings=None),
 }
 for _method, _spec in QUANTO_METHOD_SPECS.items():
     register_method(_method, _spec)
