@@ -23,6 +23,7 @@ from .registry import Adapter, is_quantized_module
 from .tensors import tensor_nbytes
 from .units import format_bytes
 from .config import QuantizationConfig, QuantizationMethod
+from .experts import iter_fused_experts, unfuse_experts
 from .filters import as_module_filter
 from .patterns import best_match, validate_pattern
 
@@ -520,8 +521,23 @@ def replace_linear_with_quantized(model: nn.Module, adapter: Adapter,
         ValueError: bad arguments, a module filter whose names matched nothing, or a layer to
             quantize with non-finite weights (found before any layer is converted).
     """
-    decisions = plan_linear_layers(model, adapter, skip_modules, module_filter)
-    replaced: list[tuple[str, nn.Module]] = []
+    # Fused MoE experts (3-D parameters) become per-expert linear layers for planning; a block none
+    # of whose experts is to be quantized gets its original module back (its decisions stay in the plan).
+    unfused = [(name, module) for name, module in iter_fused_experts(model) if name]
+    for name, module in unfused:
+        model.set_submodule(name, unfuse_experts(module))
+    try:
+        decisions = plan_linear_layers(model, adapter, skip_modules, module_filter)
+    except BaseException:
+        for name, original in unfused:
+            model.set_submodule(name, original)
+        raise
+    quantized_names = [d.name for d in decisions if d.config is not None]
+    for name, original in list(unfused):
+        if not any(n.startswith(f"{name}.") for n in quantized_names):
+            model.set_submodule(name, original)
+            unfused.remove((name, original))
+    replaced: list[tuple[str, nn.Module]] = list(unfused)
     todo = [d for d in decisions if d.config is not None]
     bar = tqdm(todo, desc=f"quantizing ({adapter.config.method.value})", unit="layer", disable=not progress)
     try:
@@ -530,7 +546,7 @@ def replace_linear_with_quantized(model: nn.Module, adapter: Adapter,
             model.set_submodule(decision.name, new)
             replaced.append((decision.name, decision.linear))
     except BaseException:
-        for name, original in reversed(replaced):
+        for name, original in reversed(replaced):  # expert layers first, then their fused modules
             model.set_submodule(name, original)
         raise
     finally:

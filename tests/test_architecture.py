@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                             "quantization_wrapper.validation", "quantization_wrapper.checkpoint.files",
                             "quantization_wrapper.checkpoint.safetensors_io",
                             "quantization_wrapper.checkpoint.checksums", "quantization_wrapper.checkpoint.description")),
-    ("model surgery", ("quantization_wrapper.surgery",)),
+    ("model surgery", ("quantization_wrapper.experts", "quantization_wrapper.surgery")),
     ("planning", ("quantization_wrapper.sizing", "quantization_wrapper.mixed_precision",
                   "quantization_wrapper.mixed_precision.*", "quantization_wrapper.presets",
                   "quantization_wrapper.recommend")),
