@@ -37,6 +37,7 @@ __all__ = [
     "ExpertLayers",
     "UnfusedExperts",
     "unfuse_experts_for",
+    "expert_layer_shapes",
 ]
 
 #: The 3-D parameters of a fused experts module, and the per-expert layer each becomes.
@@ -224,3 +225,21 @@ def unfuse_experts_for(model: nn.Module, layer_names: set[str] | list[str]) -> l
             model.set_submodule(name, unfuse_experts(module))
             done.append(name)
     return done
+
+
+def expert_layer_shapes(name: str, module: nn.Module) -> list[tuple[str, int, int, bool, torch.dtype]]:
+    """``(layer name, in_features, out_features, bias, dtype)`` of each expert projection of a fused
+    experts module, as :func:`unfuse_experts` would name them (works on the meta device)."""
+    params = module._parameters
+    transposed = bool(getattr(module, "is_transposed", False))
+    out = []
+    for e in range(params["down_proj"].shape[0]):
+        for key in _PROJECTIONS:
+            weight = params.get(key)
+            if weight is None:
+                continue
+            rows, cols = weight.shape[1:]
+            in_features, out_features = (rows, cols) if transposed else (cols, rows)
+            out.append((f"{name}.{e}.{key}", in_features, out_features, params.get(f"{key}_bias") is not None,
+                        weight.dtype))
+    return out

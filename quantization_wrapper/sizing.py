@@ -41,6 +41,7 @@ from torch import nn
 from .methods import method_spec
 from .config import bits_per_weight, QuantizationConfig, QuantizationMethod, dtype_to_str
 from .patterns import best_match
+from .experts import expert_layer_shapes, iter_fused_experts
 from .surgery import LayerPlan, QuantizationPlan, iter_linear_layers
 from .units import format_bytes
 
@@ -167,14 +168,18 @@ def _as_model(model_or_config: Any, dtype: torch.dtype | None) -> nn.Module:
 
 
 def linear_layer_shapes(model: nn.Module, dtype: torch.dtype | None = None) -> list[LinearShape]:
-    """The plain ``nn.Linear`` layers of ``model`` (any device, meta included), in module order.
+    """The plain ``nn.Linear`` layers of ``model`` (any device, meta included), in module order, then
+    each fused MoE expert projection as the layer it becomes when quantized (``experts.3.down_proj``).
 
     Args:
         model: the model.
         dtype: the weight dtype to assume instead of each layer's own.
     """
-    return [LinearShape(name, m.in_features, m.out_features, m.bias is not None, dtype or m.weight.dtype)
-            for name, m in iter_linear_layers(model)]
+    shapes = [LinearShape(name, m.in_features, m.out_features, m.bias is not None, dtype or m.weight.dtype)
+              for name, m in iter_linear_layers(model)]
+    for name, module in iter_fused_experts(model):  # MoE experts: one layer per expert and projection
+        shapes += [LinearShape(layer, i, o, b, dtype or d) for layer, i, o, b, d in expert_layer_shapes(name, module)]
+    return shapes
 
 
 def _other_bytes(model: nn.Module, linear_names: set[str],
@@ -360,7 +365,8 @@ def estimate_model_size(model_or_config: Any, config: QuantizationConfig, *,
     shapes = linear_layer_shapes(model, dtype)
     plan = QuantizationPlan(method=config.method.value, config=config.to_dict())
     plan.layers = [plan_layer(shape, config) for shape in shapes]
-    other, other_params, shared = _other_bytes(model, {s.name for s in shapes}, dtype)
+    counted = {s.name for s in shapes} | {name for name, _ in iter_fused_experts(model)}
+    other, other_params, shared = _other_bytes(model, counted, dtype)
     num_params = other_params + sum(s.numel + (s.out_features if s.bias else 0) for s in shapes
                                     if s.name not in shared)
     float_bytes = other + sum(s.nbytes for s in shapes if s.name not in shared)
@@ -400,12 +406,12 @@ def checkpoint_parameter_count(checkpoint_dir: str | os.PathLike) -> int:
     """
     import glob
 
-    from .loading import SafetensorsReader
+    from .checkpoint.safetensors_io import SafetensorsReader
 
     path = os.fspath(checkpoint_dir)
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint_dir={path!r} is not a directory")
-    from .checkpoint_dir import confined_file
+    from .checkpoint.files import confined_file
 
     files = [confined_file(path, os.path.basename(f), "the directory listing")
              for f in sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))]

@@ -23,7 +23,7 @@ from .registry import Adapter, is_quantized_module
 from .tensors import tensor_nbytes
 from .units import format_bytes
 from .config import QuantizationConfig, QuantizationMethod
-from .experts import iter_fused_experts, unfuse_experts
+from .experts import is_fused_experts, iter_fused_experts, unfuse_experts
 from .filters import as_module_filter
 from .patterns import best_match, validate_pattern
 
@@ -418,7 +418,10 @@ def record_plan(model: nn.Module, adapter: Adapter, decisions: list[LayerDecisio
         linear = d.linear
         before = _layer_bytes(linear)
         if d.config is None:  # kept: measure the module as it is now (the streaming loader filled it)
-            before = _layer_bytes(model.get_submodule(d.name))
+            try:
+                before = _layer_bytes(model.get_submodule(d.name))
+            except AttributeError:  # an expert of a block that kept its fused module: the view's bytes
+                before = _layer_bytes(linear)
             plan.layers.append(LayerPlan(d.name, linear.in_features, linear.out_features, linear.bias is not None,
                                          "none", None, None, before, before, "skipped", d.reason))
             continue
@@ -441,7 +444,9 @@ def record_plan(model: nn.Module, adapter: Adapter, decisions: list[LayerDecisio
     if plan.converted and warn_if_unchanged and plan.quantized_share < 0.5:
         warnings.warn(f"only {100 * plan.quantized_share:.0f}% of the model's {plan.total_parameters:,} parameters "
                       f"are quantized; in full precision: " + (", ".join(
-                          f"{p['name']} ({p['reason']})" for p in plan.float_parameters[:5]) or "small tensors")
+                          f"{p['name']} ({p['reason']})" for p in plan.float_parameters[:4])
+                          + (f" and {len(plan.float_parameters) - 4} more" if len(plan.float_parameters) > 4 else "")
+                          or "small tensors")
                       + " (model.quantization_plan lists them)", stacklevel=3)
     model.quantization_plan = plan
     model.quantization_config = config
@@ -477,12 +482,17 @@ def _count_parameters(model: nn.Module, plan: QuantizationPlan) -> None:
                 continue
             seen.add(id(p))
             total += p.numel()
-            if p.numel() <= FLOAT_REPORT_MIN:
+            fused_expert = p.dim() == 3 and is_fused_experts(module)
+            if p.numel() <= FLOAT_REPORT_MIN and not fused_expert:  # experts are listed whatever their size
                 continue
+            expert_reasons = sorted({r for n, r in skipped.items() if n.startswith(f"{module_name}.")}) \
+                if fused_expert else []
             if module_name in skipped:
                 reason = skipped[module_name] or "skipped"
-            elif p.dim() == 3:
-                reason = "fused expert parameter (3-D, not nn.Linear): not quantized yet"
+            elif expert_reasons:
+                reason = "fused experts, every expert skipped: " + "; ".join(expert_reasons)
+            elif fused_expert:
+                reason = "fused experts: not planned"
             elif isinstance(module, nn.Embedding):
                 reason = "embedding"
             else:
@@ -523,7 +533,8 @@ def replace_linear_with_quantized(model: nn.Module, adapter: Adapter,
     """
     # Fused MoE experts (3-D parameters) become per-expert linear layers for planning; a block none
     # of whose experts is to be quantized gets its original module back (its decisions stay in the plan).
-    unfused = [(name, module) for name, module in iter_fused_experts(model) if name]
+    unfused = [(name, module) for name, module in iter_fused_experts(model) if name] \
+        if isinstance(model, nn.Module) else []
     for name, module in unfused:
         model.set_submodule(name, unfuse_experts(module))
     try:
