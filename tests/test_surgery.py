@@ -232,8 +232,8 @@ def test_quantizing_a_tied_lm_head_says_it_unties():
 
 
 def test_weights_left_in_float_are_reported_and_warned_about():
-    """Fused MoE experts (3-D parameters, not nn.Linear) stay in float: the plan names every
-    parameter over 1M elements kept in float, the share quantized, and quantize_model warns."""
+    """Fused MoE experts kept in float (here by skip_modules): the plan names every parameter over
+    1M elements kept in float and why, the share quantized, and quantize_model warns."""
     import warnings
 
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -244,8 +244,10 @@ def test_weights_left_in_float_are_reported_and_warned_about():
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
                                              num_local_experts=8))
     total = sum(p.numel() for p in model.parameters())
-    adapter = create_quantization_adapter("cpu", QuantizationConfig(method="hqq", bits=4, group_size=64))
-    with pytest.warns(UserWarning, match=r"only 5% of the model's .* parameters are quantized.*fused expert"):
+    adapter = create_quantization_adapter("cpu", QuantizationConfig(method="hqq", bits=4, group_size=64,
+                                                                    skip_modules=["lm_head", "mlp.experts"]))
+    with pytest.warns(UserWarning, match=r"only 5% of the model's .* parameters are quantized.*fused experts, "
+                                         r"every expert skipped: skip_modules: 'mlp.experts'"):
         adapter.quantize_model(model)
     plan = model.quantization_plan
     assert plan.total_parameters == total
