@@ -266,5 +266,5 @@ def test_weights_left_in_float_are_reported_and_warned_about():
 
         dense = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
-        adapter.quantize_model(dense)
+        create_quantization_adapter("cpu", QuantizationConfig(method="hqq", bits=4, group_size=64)).quantize_model(dense)
     assert dense.quantization_plan.quantized_share > 0.5
