@@ -162,3 +162,32 @@ def test_layer_configs_address_experts():
     assert plan["model.layers.0.mlp.experts.2.gate_up_proj"].bits == 2
     assert plan["model.layers.1.mlp.experts.7.down_proj"].bits == 8
     assert plan["model.layers.0.self_attn.q_proj"].bits == 4
+
+
+@pytest.mark.parametrize("method", ["hqq", "bnb_nf4", "quanto_int4", "mlx_int4"])
+def test_qlora_trains_attention_and_experts(method):
+    from peft import LoraConfig, get_peft_model
+
+    model = mixtral()
+    adapter = quantize(model, method)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model = get_peft_model(adapter.prepare_model_for_training(model),
+                                LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    wrapped = {n.replace("base_model.model.", "") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    experts = {n for n in wrapped if ".experts." in n}
+    assert len(experts) == 2 * 8 * 2 and "model.layers.0.self_attn.q_proj" in wrapped
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = peft_model(TOKENS, labels=TOKENS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    grads = [n for n, p in peft_model.named_parameters() if p.requires_grad and ".experts." in n]
+    assert grads and all("lora_" in n for n in grads)
+    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+             for k, v in peft_model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(after[k], v) for k, v in base.items() if k in after)
+    assert set(base) <= set(after)
