@@ -23,6 +23,7 @@ weighted sum is accumulated per token as transformers does. The router stays a f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Iterator
 
@@ -38,6 +39,7 @@ __all__ = [
     "UnfusedExperts",
     "unfuse_experts_for",
     "expert_layer_shapes",
+    "experts_unfused",
 ]
 
 #: The 3-D parameters of a fused experts module, and the per-expert layer each becomes.
@@ -243,3 +245,19 @@ def expert_layer_shapes(name: str, module: nn.Module) -> list[tuple[str, int, in
             out.append((f"{name}.{e}.{key}", in_features, out_features, params.get(f"{key}_bias") is not None,
                         weight.dtype))
     return out
+
+
+@contextlib.contextmanager
+def experts_unfused(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, every fused experts module of ``model`` is replaced by its unfused container
+    (views: nothing copied), so analyses that hook or swap linear layers (sensitivity, calibration)
+    see each expert projection; afterwards the original modules are put back, whatever happened.
+    Yields the names of the unfused modules."""
+    originals = [(name, module) for name, module in iter_fused_experts(model) if name]
+    try:
+        for name, module in originals:
+            model.set_submodule(name, unfuse_experts(module))
+        yield [name for name, _ in originals]
+    finally:
+        for name, module in originals:
+            model.set_submodule(name, module)

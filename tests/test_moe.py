@@ -191,3 +191,27 @@ def test_qlora_trains_attention_and_experts(method):
              for k, v in peft_model.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(after[k], v) for k, v in base.items() if k in after)
     assert set(base) <= set(after)
+
+
+def test_mixed_precision_plans_each_expert():
+    from quantization_wrapper import plan_mixed_precision
+
+    model = mixtral()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = [TOKENS]
+    plan = plan_mixed_precision(model, 5.0, method_family="hqq", calibration=calibration,
+                                candidates=[(2, 64), (4, 64), (8, 128)])
+    # the model is left as it was (fused experts, same tensors)
+    assert is_fused_experts(model.model.layers[0].mlp.experts)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    names = [c.name for c in plan.choices]
+    experts = [c for c in plan.choices if ".experts." in c.name]
+    assert len(experts) == 32 and len(names) == 32 + 2 * 4
+    assert plan.bits_per_weight <= 5.0 + 1e-9
+    assert len({c.candidate for c in experts}) > 1  # bits spent unevenly across experts
+    # the plan's config quantizes the experts as planned
+    quantize(model, "hqq", **{k: v for k, v in plan.config.to_dict().items()
+                              if k in ("bits", "group_size", "layer_configs", "skip_modules")})
+    quantized = model.quantization_plan
+    for choice in experts:
+        assert quantized[choice.name].bits == plan.config.for_layer(choice.name).bits

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import QuantizationConfig, QuantizationMethod, dtype_to_str
 from ..patterns import best_match
 from ..sizing import LinearShape, fit_layer_config, layer_nbytes, linear_layer_shapes, parse_memory_size
+from ..experts import experts_unfused
 from ..units import format_bytes
 from .candidates import METHOD_FAMILIES, Candidate, parse_candidates, parse_family
 from .sensitivity import SensitivityAnalyzer
@@ -205,6 +206,24 @@ def plan_mixed_precision(model: nn.Module, budget: float | str, *, method_family
         InfeasibleBudgetError: the budget is below the smallest achievable size (which it names).
         ValueError: for bad arguments.
     """
+    # MoE experts are planned per expert: the analysis hooks and swaps the per-expert layers, which
+    # exist only while the fused modules are unfused (views; put back afterwards)
+    with experts_unfused(model):
+        if analyzer is not None:
+            analyzer.refresh_modules()
+        return _plan_mixed_precision(model, budget, method_family=method_family, candidates=candidates,
+                                     calibration=calibration, base_config=base_config, solver=solver,
+                                     end_to_end=end_to_end, output_fn=output_fn, budget_scope=budget_scope,
+                                     analyzer=analyzer, backend=backend, progress=progress)
+
+
+def _plan_mixed_precision(model: nn.Module, budget: float | str, *, method_family: Any = None,
+                         candidates: Sequence[Any] | None = None, calibration: Any = None,
+                         base_config: QuantizationConfig | None = None, solver: str = "knapsack",
+                         end_to_end: bool = True, output_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+                         budget_scope: str = "layers", analyzer: SensitivityAnalyzer | None = None,
+                         backend: Any = None, progress: bool = False) -> MixedPrecisionPlan:
+    """The body of :func:`plan_mixed_precision`, on a model whose experts are unfused."""
     from tqdm.auto import tqdm
 
     if not isinstance(model, nn.Module):

@@ -117,6 +117,10 @@ class SensitivityAnalyzer:
         else:
             self.stats = self._stats_for(calibration)
 
+    def refresh_modules(self) -> None:
+        """Look the model's layers up again (after its structure changed, e.g. MoE experts unfused)."""
+        self._modules = dict(self.model.named_modules())
+
     def _stats_for(self, calibration: Any) -> CalibrationStats:
         batches = calibration_batches(calibration)
         digest = inputs_digest(batches) + ":" + ",".join(
