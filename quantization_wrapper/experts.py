@@ -253,7 +253,8 @@ def experts_unfused(model: nn.Module) -> Iterator[list[str]]:
     (views: nothing copied), so analyses that hook or swap linear layers (sensitivity, calibration)
     see each expert projection; afterwards the original modules are put back, whatever happened.
     Yields the names of the unfused modules."""
-    originals = [(name, module) for name, module in iter_fused_experts(model) if name]
+    originals = [(name, module) for name, module in iter_fused_experts(model) if name] \
+        if isinstance(model, nn.Module) else []
     try:
         for name, module in originals:
             model.set_submodule(name, unfuse_experts(module))
