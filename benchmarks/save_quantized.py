@@ -29,14 +29,14 @@ def save_before_streaming(model, path, max_bytes=2 * 10**9):
     import re
     from pathlib import Path
     from safetensors.torch import save_file
-    from quantization_wrapper import serialization as s
+    from quantization_wrapper.checkpoint import checksums, description, interop, save as s
     plan, config = model.quantization_plan, model.quantization_config
-    saved_config = s._hf_config_dict(model)
+    saved_config = interop.hf_config_dict(model)
     tensors, owned, adapters = {}, set(), {}
     for layer in plan.layers:
         if layer.status == "skipped":
             continue
-        adapter = s._layer_adapter(config, layer.method, cache=adapters)
+        adapter = description.layer_adapter(config, layer.method, cache=adapters)
         for key, value in adapter.layer_state_dict(model.get_submodule(layer.name)).items():
             tensors[f"{layer.name}.{key}"] = value
         owned.add(layer.name)
@@ -47,7 +47,7 @@ def save_before_streaming(model, path, max_bytes=2 * 10**9):
             continue
         ref = rebuilt.get(name)
         if ref is None or ref.dtype != buf.dtype or ref.shape != buf.shape or not torch.equal(ref, buf.detach().cpu()):
-            tensors[s.BUFFER_PREFIX + name] = buf
+            tensors[description.BUFFER_PREFIX + name] = buf
     copies = s._tied_copy_patterns(model)
     groups = {}
     for name in sorted(tensors):
@@ -63,9 +63,9 @@ def save_before_streaming(model, path, max_bytes=2 * 10**9):
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     path = Path(path)
     path.mkdir(parents=True)
-    buffers = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(s.BUFFER_PREFIX)]}
+    buffers = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(description.BUFFER_PREFIX)]}
     if buffers:
-        save_file(buffers, path / s.BUFFERS_NAME, metadata={"format": "pt"})
+        save_file(buffers, path / description.BUFFERS_NAME, metadata={"format": "pt"})
     shards, size = [{}], 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
@@ -75,10 +75,10 @@ def save_before_streaming(model, path, max_bytes=2 * 10**9):
         shards[-1][name] = t
         size += n
     for i, shard in enumerate(shards, 1):
-        name = s.WEIGHTS_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        name = description.WEIGHTS_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, path / name, metadata={"format": "pt"})
     for f in sorted(path.iterdir()):
-        s._file_record(f)
+        checksums.file_record(f)
 """
 
 

@@ -63,10 +63,10 @@ from .surgery import (
     get_quantization_plan,
     replace_linear_with_quantized,
 )
-from .loading import load_and_quantize
-from .serialization import (
+from .checkpoint import (
     CheckpointError,
     ChecksumError,
+    load_and_quantize,
     load_quantized_model,
     read_checkpoint_info,
     save_quantized_model,
@@ -186,12 +186,9 @@ __all__ += [
 ]
 
 # The peers' native checkpoints (mlx-lm / MLX, hqq), also read by load_quantized_model.
-from .native_formats import (  # noqa: E402
-    detect_native_format,
-    load_hqq_checkpoint,
-    load_mlx_checkpoint,
-    load_native_checkpoint,
-)
+from .adapters.hqq import load_hqq_checkpoint  # noqa: E402
+from .adapters.mlx.checkpoint import load_mlx_checkpoint  # noqa: E402
+from .checkpoint import detect_native_format, load_native_checkpoint  # noqa: E402
 
 __all__ += [
     "detect_native_format",

@@ -219,7 +219,9 @@ def hf_classes() -> tuple[type, type]:
             embedding no longer shares the input embedding's weight (one side quantized) gets
             ``tie_word_embeddings=False``, or the reload would tie them again.
             """
-            from .serialization import BUFFER_PREFIX, _collect_tensors, _untied_embeddings
+            from .checkpoint.description import BUFFER_PREFIX
+            from .checkpoint.interop import untied_embeddings
+            from .checkpoint.save import collect_tensors
             from .surgery import get_quantization_plan
 
             plan = get_quantization_plan(model)
@@ -227,10 +229,10 @@ def hf_classes() -> tuple[type, type]:
             if plan is None or not isinstance(config, QuantizationConfig):
                 raise ValueError("model has no quantization plan of quantization-wrapper: quantize it (quantize_model, "
                                  "from_pretrained(quantization_config=QuantizationConfig(...))) before save_pretrained")
-            tensors, _ = _collect_tensors(model, plan, config)  # tied copies: dropped; the reload ties them
+            tensors, _ = collect_tensors(model, plan, config)  # tied copies: dropped; the reload ties them
             # Non-persistent buffers are never in a transformers checkpoint: the model rebuilds them.
             tensors = {k: v for k, v in tensors.items() if not k.startswith(BUFFER_PREFIX)}
-            if _untied_embeddings(model):
+            if untied_embeddings(model):
                 for section in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
                     if getattr(section, "tie_word_embeddings", False):
                         section.tie_word_embeddings = False
@@ -327,7 +329,7 @@ class _Restore:
     def restore(self, model: nn.Module, name: str, tensors: dict[str, Any], missing_keys: Any) -> None:
         """Rebuild layer ``name`` from its checkpoint tensors and install it. A failure is kept for
         :meth:`finish` (transformers would only log it and raise a generic error)."""
-        from .serialization import _layer_adapter, _layer_config
+        from .checkpoint.description import layer_adapter, layer_config
 
         layer = self.layers[name]
         for attr in ("weight", "bias"):  # the skeleton's keys: the rebuilt layer replaces them
@@ -336,9 +338,9 @@ class _Restore:
         state = {self.keys[p][1]: (v[0] if isinstance(v, list) else v) for p, v in tensors.items()}
         current = model.get_submodule(name)
         try:
-            adapter = _layer_adapter(self.config, layer.method, None, self.adapters)
+            adapter = layer_adapter(self.config, layer.method, None, self.adapters)
             module = adapter.restore_linear(layer.in_features, layer.out_features, layer.bias, state,
-                                            config=_layer_config(self.config, layer.__dict__),
+                                            config=layer_config(self.config, layer.__dict__),
                                             dtype=current.weight.dtype)
         except CheckpointError as e:
             self.errors.append(f"{self.where}: layer {name!r}: {e}")
@@ -353,7 +355,7 @@ class _Restore:
 
     def finish(self, model: nn.Module) -> None:
         """Raise what went wrong; else record the plan and config and set the flags peft reads."""
-        from .serialization import _layer_adapter
+        from .checkpoint.description import layer_adapter
 
         if self.errors:
             more = f" (and {len(self.errors) - 1} more layers)" if len(self.errors) > 1 else ""
@@ -371,8 +373,8 @@ class _Restore:
         model.quantization_plan = self.plan
         model.quantization_config = self.config
         for method in sorted({l.method for l in self.plan.converted} - {self.config.method.value}):
-            _layer_adapter(self.config, method, None, self.adapters).mark_model(model)
-        _layer_adapter(self.config, self.config.method.value, None, self.adapters).mark_model(model)
+            layer_adapter(self.config, method, None, self.adapters).mark_model(model)
+        layer_adapter(self.config, self.config.method.value, None, self.adapters).mark_model(model)
 
 
 def _mark_loaded(module: nn.Module) -> None:

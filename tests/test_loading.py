@@ -299,16 +299,16 @@ def test_an_adapter_that_keeps_its_input_gets_a_copy(checkpoint, registry):
 def test_default_workers_follow_the_quantization_workspace():
     from types import SimpleNamespace
 
-    from quantization_wrapper.loading import _default_workers
+    from quantization_wrapper.checkpoint.streaming import default_workers
 
     def layers(method, out_features, in_features=2048):
         return [SimpleNamespace(linear=SimpleNamespace(in_features=in_features, out_features=out_features),
                                 config=qw.QuantizationConfig(method=method)),
                 SimpleNamespace(linear=SimpleNamespace(in_features=8, out_features=8), config=None)]
 
-    assert _default_workers(2, layers("bnb_nf4", 5632)) == 2  # 11.5M weights x 16 B: 184 MB
-    assert _default_workers(2, layers("hqq", 5632)) == 1  # x 112 B: 1.3 GB for a second layer
-    assert _default_workers(2, layers("hqq", 2816, 1024)) == 1  # 323 MB: over 256 MiB
-    assert _default_workers(2, layers("hqq", 1024, 1024)) == 2
-    assert _default_workers(16, layers("bnb_nf4", 11008, 4096)) == 1  # a 7B MLP: 720 MB each
-    assert _default_workers(1, layers("bnb_nf4", 64)) == 1
+    assert default_workers(2, layers("bnb_nf4", 5632)) == 2  # 11.5M weights x 16 B: 184 MB
+    assert default_workers(2, layers("hqq", 5632)) == 1  # x 112 B: 1.3 GB for a second layer
+    assert default_workers(2, layers("hqq", 2816, 1024)) == 1  # 323 MB: over 256 MiB
+    assert default_workers(2, layers("hqq", 1024, 1024)) == 2
+    assert default_workers(16, layers("bnb_nf4", 11008, 4096)) == 1  # a 7B MLP: 720 MB each
+    assert default_workers(1, layers("bnb_nf4", 64)) == 1

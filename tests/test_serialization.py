@@ -281,12 +281,12 @@ def test_interrupted_save_keeps_previous_checkpoint(saved):
 def test_crash_while_writing_tensors_keeps_previous(saved, monkeypatch):
     model, path = saved
     before = {p.name: p.read_bytes() for p in path.iterdir()}
-    from quantization_wrapper import serialization
+    from quantization_wrapper.checkpoint import safetensors_io
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(serialization, "_pwrite_all", boom)  # where every tensor byte is written
+    monkeypatch.setattr(safetensors_io, "pwrite_all", boom)  # where every tensor byte is written
     with pytest.raises(OSError, match="disk full"):
         save_quantized_model(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
@@ -333,9 +333,9 @@ def test_block_checksums_are_verified_and_locate_the_damage(tmp_path, monkeypatc
     import hashlib
     import zlib
 
-    import quantization_wrapper.serialization as serialization
+    from quantization_wrapper.checkpoint import checksums
 
-    monkeypatch.setattr(serialization, "HASH_BLOCK", 4096)
+    monkeypatch.setattr(checksums, "HASH_BLOCK", 4096)
     model, _ = quantized(CONFIGS["hqq4"])
     path = save_quantized_model(model, tmp_path / "ckpt")
     f = path / "model.safetensors"
@@ -572,14 +572,14 @@ def test_streamed_files_are_what_save_file_writes(name, layout, tmp_path):
     tensors (what saves wrote before streaming) and loads tensor for tensor with load_file."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-    from quantization_wrapper.serialization import _collect_tensors
+    from quantization_wrapper.checkpoint.save import collect_tensors
 
     model = _bf16_model(CONFIGS[name])
     single = layout == "single-file"
     path = save_quantized_model(model, tmp_path / ("m.safetensors" if single else "ckpt"), single_file=single,
                                 max_shard_size="10KB" if layout == "shards" else "2GB")
-    expected, tied = _collect_tensors(model, model.quantization_plan, model.quantization_config,
-                                      read_checkpoint_info(path).get("config") or json.loads((path / "config.json").read_text()))
+    expected, tied = collect_tensors(model, model.quantization_plan, model.quantization_config,
+                                     read_checkpoint_info(path).get("config") or json.loads((path / "config.json").read_text()))
     files = [path] if single else sorted(path.glob("*.safetensors"))
     assert len(files) > 3 if layout == "shards" else len(files) == (1 if single else 2)  # + the buffers' file
     seen = set()
@@ -605,11 +605,11 @@ def test_header_matches_save_file_for_every_dtype(tmp_path):
     from types import SimpleNamespace
 
     from safetensors.torch import save_file
-    from quantization_wrapper.serialization import _SAFETENSORS_DTYPES, _write_safetensors
+    from quantization_wrapper.checkpoint.safetensors_io import SAFETENSORS_DTYPES, write_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {}
-    for i, dtype in enumerate(_SAFETENSORS_DTYPES):
+    for i, dtype in enumerate(SAFETENSORS_DTYPES):
         raw = torch.randint(0, 2 if dtype == torch.bool else 256, (3, 8 * (1 + i % 3)), dtype=torch.uint8, generator=g)
         base = raw.view(dtype)
         tensors[f"{chr(122 - i)}.w{i}"] = base.t() if base.shape[1] > 1 else base
@@ -620,7 +620,7 @@ def test_header_matches_save_file_for_every_dtype(tmp_path):
                             tensors=lambda: iter(tensors.items()),
                             nbytes=lambda k: tensors[k].numel() * tensors[k].element_size())
     for meta in ({"format": "pt"}, {"quantization_wrapper": json.dumps({"ä": "\"q\"\n", "n": [1, 2]})}):
-        _write_safetensors(saved, {tmp_path / "ours.safetensors": (list(tensors), meta)})
+        write_safetensors(saved, {tmp_path / "ours.safetensors": (list(tensors), meta)})
         save_file({k: t.contiguous() for k, t in tensors.items()}, tmp_path / "theirs.safetensors", metadata=meta)
         assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
 

@@ -166,6 +166,24 @@ class QuantizationAdapter(ABC):
         types whose library is already imported; asking must not import it)."""
         return ()
 
+    @classmethod
+    def peer_config_entries(cls, model: nn.Module, plan: Any,
+                            layers: list) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What the library's own loader reads beside a checkpoint of ours, so that it opens the
+        checkpoint too: ``(config.json additions, extra JSON files by name)``. ``layers`` are the
+        plan's converted layers of this adapter's methods (``plan`` is the model's whole
+        :class:`~quantization_wrapper.surgery.QuantizationPlan`). The default adds nothing."""
+        return {}, {}
+
+    @classmethod
+    def native_readers(cls) -> dict[str, tuple[Callable[..., bool], Callable[..., nn.Module]]]:
+        """The library's own checkpoint formats that ``load_quantized_model`` reads:
+        ``{name: (detect(path) -> bool, load(path, model_config, *, device, backend,
+        expected_methods, verify) -> model)}``; ``detect`` reads headers only, ``load`` raises
+        :class:`~quantization_wrapper.errors.CheckpointError` naming what is wrong. The default
+        reads none."""
+        return {}
+
     # ------------------------------------------------------------------ layer level
     def quantize_linear(self, linear: nn.Linear, name: str | None = None, *,
                         config: QuantizationConfig | None = None) -> nn.Module:

@@ -133,6 +133,8 @@ _NF4 = MethodSpec(
     candidates=(RecommendationCandidate(("cuda",), 30, dict(double_quant=True)),),
     mixed_precision=(dict(method="bnb_nf4"), dict(method="bnb_int8"), dict(method="none")),
     normalize=_normalize_4bit,
+    options=("double_quant", "quant_type"),
+    precision_tiers={"high": {"method": "bnb_int8"}, "low": {"method": "bnb_nf4"}, "default": {"method": "bnb_int8"}},
 )
 #: The three bitsandbytes methods, as this module declares them to :mod:`quantization_wrapper.methods`.
 BNB_METHOD_SPECS = {
@@ -142,7 +144,7 @@ BNB_METHOD_SPECS = {
         support={k: Support(v.supported, v.reason, None) for k, v in _SUPPORT.items()},
         fallback=((M.BNB_NF4, 4), (M.QUANTO_INT4, 4), (M.HQQ, 4), (M.MLX_INT4, 4), (M.NONE, None)),
         fsdp=FSDPSupport("sharded", "sharded", PACKED_FSDP_STORAGE, "as bnb_nf4", "same layer type as bnb_nf4"),
-        candidates=(), mixed_precision=()),
+        candidates=(), mixed_precision=(), precision_tiers={}),
     M.BNB_INT8: MethodSpec(
         "bitsandbytes", (8,), 8, None, None, "bitsandbytes LLM.int8() row-wise absmax",
         support=_SUPPORT,
@@ -898,3 +900,38 @@ def _int8_tensors(module: nn.Module):
         CB = module.state.CB if module.state.CB is not None else module.weight.data
         SCB = module.state.SCB
     return CB, SCB
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _transformers_bnb_config(model: nn.Module, method: str, plan: Any) -> dict[str, Any] | None:
+    """transformers' ``BitsAndBytesConfig`` (as a dict) of a model whose converted layers are all
+    ``method``'s, read off its first layer; ``None`` without transformers."""
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError:  # without transformers there is no peer to be compatible with
+        return None
+    skipped = [l.name for l in plan.skipped]
+    if method == "bnb_int8":
+        module = model.get_submodule(plan.converted[0].name)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=module.state.threshold,
+                                  llm_int8_skip_modules=skipped).to_dict()
+    module = model.get_submodule(plan.converted[0].name)
+    state = module.weight.quant_state
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=state.quant_type,
+        bnb_4bit_use_double_quant=state.nested, bnb_4bit_compute_dtype=module.compute_dtype or torch.float32,
+        bnb_4bit_quant_storage=module.weight.quant_storage, llm_int8_skip_modules=skipped,
+    ).to_dict()
+
+
+def _peer_config_entries(cls, model: nn.Module, plan: Any, layers: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """transformers' ``quantization_config`` when every converted layer of the model is bitsandbytes
+    with one method (4-bit of one quant type, or INT8): with our tensor names (the ones
+    transformers uses), ``AutoModelForCausalLM.from_pretrained(path)`` loads the checkpoint."""
+    if {layer.method for layer in plan.converted} != {layers[0].method}:
+        return {}, {}
+    config = _transformers_bnb_config(model, layers[0].method, plan)
+    return ({"quantization_config": config} if config is not None else {}), {}
+
+
+BitsAndBytesAdapter.peer_config_entries = classmethod(_peer_config_entries)

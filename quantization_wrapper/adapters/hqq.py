@@ -105,6 +105,9 @@ HQQ_METHOD_SPEC = MethodSpec(
     # 1 bit is allowed but not tried by default: without calibration it rarely pays for its error.
     mixed_precision=tuple(dict(method="hqq", bits=b, group_size=g) for b in (2, 3, 4, 8) for g in (32, 64, 128)),
     normalize=_normalize,
+    precision_tiers={"high": {"method": "hqq", "bits": 8, "group_size": 128},
+                     "low": {"method": "hqq", "bits": 4, "group_size": 64},
+                     "default": {"method": "hqq", "bits": 8, "group_size": 128}},
 )
 register_method(M.HQQ, HQQ_METHOD_SPEC)
 register_config("hqq4", dict(method="hqq", bits=4, group_size=64))
@@ -602,3 +605,225 @@ def _meta_tensors(meta: dict[str, Any]):
             yield value
         elif isinstance(value, dict):
             yield from _meta_tensors(value)
+
+
+# ---------------------------------------------------------------------- hqq's own checkpoints
+# What load_quantized_model reads besides our format (HQQAdapter.native_readers): hqq's own
+# serialization, ``AutoHQQHFModel.save_quantized`` -- a directory with ``config.json`` and ``qmodel.pt``
+# (``torch.save`` of ``{module name: module state dict}``; ``HQQLinear`` states hold ``W_q``) -- or a
+# ``.pt`` / ``.pth`` file holding one ``HQQLinear.state_dict()`` (raw or safetensors-encoded), which
+# loads as that single layer. Files go through ``torch.load(weights_only=True)`` only, and the dtype
+# names of a state are decoded from an allow-list (:func:`_decode_state`).
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Iterable  # noqa: E402
+
+from ..checkpoint.description import layer_adapter  # noqa: E402
+from ..checkpoint.files import confined_file  # noqa: E402
+from ..checkpoint.native import (check_method, config_summary, fill_tensors, finish_model,  # noqa: E402
+                                 linear_layers, native_skeleton, restore_layers, submodule)
+from ..errors import CheckpointError  # noqa: E402
+
+_HQQ_WEIGHTS = "qmodel.pt"
+_PT_SUFFIXES = (".pt", ".pth")
+
+
+def _is_hqq(path: Path) -> bool:
+    if path.is_dir():
+        return (path / _HQQ_WEIGHTS).is_file()
+    return path.suffix in _PT_SUFFIXES
+
+
+def _torch_load(file: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain values only, never arbitrary objects."""
+    import pickle
+
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise CheckpointError(f"{file}: refused to load: it holds pickled objects other than tensors and plain values "
+                              f"({detail}). Files are read with torch.load(weights_only=True) only, which never runs "
+                              f"pickled code. If you wrote the file and trust it, re-save the state with plain values: "
+                              f"tensors, ints, floats, bools, strings, torch dtypes and torch.Size, in dicts (what "
+                              f"HQQLinear.state_dict() and hqq's save_quantized produce)") from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable torch.save file ({type(e).__name__}: {e})") from e
+
+
+def _is_layer_state(data: Any) -> bool:
+    return isinstance(data, dict) and "W_q" in data
+
+
+def _encode_hqq_state(where: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """hqq's raw layer state (ints, strings, dtypes, ``torch.Size``) in its safetensors encoding --
+    what :meth:`HQQAdapter.load_layer_state` decodes from an allow-list -- as
+    ``hqq.core.utils.encode_safetensor_type`` writes it."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.detach()
+        elif isinstance(value, bool):
+            out[key] = torch.tensor(int(value), dtype=torch.uint8)
+        elif isinstance(value, torch.Size):
+            out[key] = torch.tensor(list(value))
+        elif isinstance(value, int):
+            out[key] = torch.tensor(value, dtype=torch.int32)
+        elif isinstance(value, float):
+            out[key] = torch.tensor(value, dtype=torch.float32)
+        elif isinstance(value, torch.dtype):
+            out[key] = torch.tensor(list(str(value).encode("ascii")), dtype=torch.uint8)
+        elif isinstance(value, str):
+            out[key] = torch.tensor(list(value.encode("ascii")), dtype=torch.uint8)
+        elif value is None and key == "group_size":
+            continue  # one group per row/column: filled in below from the shape and axis
+        else:
+            raise CheckpointError(f"{where}: HQQ state value {key!r} is a {type(value).__name__}; expected tensors, "
+                                  f"ints, bools, strings, dtypes or torch.Size")
+    if "group_size" not in out and "shape" in out and "axis" in out:
+        out_features, in_features = (int(v) for v in out["shape"].tolist())
+        group = in_features if int(out["axis"].item()) == 1 else out_features
+        out["group_size"] = torch.tensor(group, dtype=torch.int32)
+    return out
+
+
+def _hqq_layer_settings(where: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], bool, torch.Size]:
+    """The :class:`QuantizationConfig` fields one hqq layer state implies, its bias flag and shape."""
+    try:
+        raw = _decode_state(dict(state))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+    storage = raw["W_q"].dtype if raw["view_as_float"] else None
+    settings = {"bits": raw["nbits"], "group_size": raw["group_size"], "compute_dtype": raw["compute_dtype"],
+                "storage_dtype": storage, "axis": raw["axis"]}
+    return settings, "bias" in raw, raw["shape"]
+
+
+def _hqq_options(settings: dict[str, Any]) -> dict[str, Any]:
+    return {"axis": settings["axis"]} if settings["axis"] != 1 else {}
+
+
+def _hqq_layer_config(where: str, settings: dict[str, Any]) -> QuantizationConfig:
+    fields = {k: v for k, v in settings.items() if k != "axis"}
+    try:
+        return QuantizationConfig(method="hqq", backend_options=_hqq_options(settings), **fields)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: the HQQ layer's settings are not supported: {e}") from e
+
+
+def _hqq_single_layer(file: Path, state: dict[str, Any], backend) -> nn.Module:
+    encoded = _encode_hqq_state(str(file), state)
+    settings, bias, shape = _hqq_layer_settings(str(file), encoded)
+    config = _hqq_layer_config(str(file), settings)
+    adapter = HQQAdapter(config, backend)
+    out_features, in_features = shape
+    try:
+        empty = adapter.create_quantized_linear(in_features, out_features, bias, device="meta",
+                                                dtype=settings["compute_dtype"])
+        return adapter.load_layer_state(empty, encoded).eval()
+    except ValueError as e:
+        raise CheckpointError(f"{file}: the HQQ layer could not be restored: {e}") from e
+
+
+def load_hqq_checkpoint(path: str | os.PathLike, model_config: Any = None, *, device: str | torch.device = "cpu",
+                        backend=None, expected_methods: Iterable | None = None, verify: bool = True) -> nn.Module:
+    """Load hqq's own serialization.
+
+    Args:
+        path: a directory written by hqq's ``AutoHQQHFModel.save_quantized`` (``qmodel.pt`` +
+            ``config.json``), or a ``.pt`` / ``.pth`` file holding either one
+            ``HQQLinear.state_dict()`` (raw or encoded) or hqq's ``{module name: state}`` dict
+            (then ``model_config`` is needed).
+        model_config: the architecture (see
+            :func:`~quantization_wrapper.checkpoint.native.load_native_checkpoint`).
+        device: where to place the result.
+        backend: backend for the adapter (``None``: detect).
+        expected_methods: raise unless ``hqq`` is one of these.
+        verify: accepted for symmetry with ``load_quantized_model``; native files carry no checksums.
+
+    Returns:
+        For one layer state: that layer (an ``HQQLinear``). Otherwise the model in eval mode, its
+        ``HQQLinear`` layers those whose state holds ``W_q``, with its ``quantization_plan`` and
+        ``quantization_config`` (method ``hqq``; per-layer bits, group size, axis, storage dtype
+        in ``layer_configs``).
+
+    Raises:
+        CheckpointError: a file that needs more than ``torch.load(weights_only=True)``, missing
+            files, layers or tensors, states hqq cannot load faithfully (all named).
+    """
+    path = Path(path)
+    config_json = None
+    if path.is_dir():
+        file = confined_file(path, _HQQ_WEIGHTS, "the checkpoint")
+        if not file.is_file():
+            raise CheckpointError(f"{path}: no {_HQQ_WEIGHTS}; hqq's save_quantized writes the weights there")
+        if model_config is None:
+            config_file = confined_file(path, "config.json", "the checkpoint")
+            if not config_file.exists():
+                raise CheckpointError(f"{path}: no config.json beside {_HQQ_WEIGHTS}; pass model_config")
+            try:
+                config_json = json.loads(config_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{config_file}: invalid JSON ({e})") from e
+    else:
+        file = path
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint not found: {file}")
+    data = _torch_load(file)
+    if _is_layer_state(data):
+        if expected_methods is not None:
+            check_method(file, QuantizationConfig(method="hqq"), expected_methods)
+        layer = _hqq_single_layer(file, data, backend)
+        return layer if torch.device(device).type == "cpu" else layer.to(device)
+    if not isinstance(data, dict) or not data or not all(isinstance(k, str) and isinstance(v, dict)
+                                                         for k, v in data.items()):
+        raise CheckpointError(f"{file}: expected hqq's layout, {{module name: state dict}} (save_quantized) or one "
+                              f"HQQLinear state dict with 'W_q'; got {type(data).__name__}"
+                              f"{' with keys ' + str(list(data)[:5]) if isinstance(data, dict) else ''}")
+    model = native_skeleton(path, config_json, model_config)
+    linears = linear_layers(model)
+    layers: dict[str, dict[str, Any]] = {}
+    encoded: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for name, state in data.items():
+        module = submodule(file, model, name, "the weights file")
+        where = f"{file}: layer {name!r}"
+        if "W_q" not in state:
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    raise CheckpointError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
+                rest[f"{name}.{key}" if name else key] = value.detach()
+            continue
+        if not isinstance(module, nn.Linear):
+            raise CheckpointError(f"{where} is an HQQ layer in the checkpoint but a {type(module).__name__} in the "
+                                  f"architecture")
+        encoded[name] = _encode_hqq_state(where, state)
+        settings, bias, shape = _hqq_layer_settings(where, encoded[name])
+        if tuple(shape) != (module.out_features, module.in_features) or bias != (module.bias is not None):
+            raise CheckpointError(f"{where} is {shape[0]}x{shape[1]} ({'with' if bias else 'no'} bias) in the "
+                                  f"checkpoint, {module.out_features}x{module.in_features} "
+                                  f"({'with' if module.bias is not None else 'no'} bias) in the architecture")
+        layers[name] = settings
+    if not layers:
+        raise CheckpointError(f"{file}: no HQQ layer (no state with 'W_q'); nothing is quantized")
+
+    skip = [n for n in linears if n not in layers]
+    try:
+        config = config_summary(lambda s: QuantizationMethod.HQQ, layers, skip, _hqq_options)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: the HQQ layers' settings are not supported: {e}") from e
+    check_method(file, config, expected_methods)
+    adapter = layer_adapter(config, "hqq", backend, {})
+    decisions = restore_layers(file, model, adapter, config, linears, layers, encoded, "hqq")
+    fill_tensors(file, model, rest)
+    return finish_model(model, adapter, decisions, device)
+
+
+def _native_readers(cls) -> dict:
+    """hqq's ``save_quantized`` directories and ``.pt`` / ``.pth`` files (see above)."""
+    return {"hqq": (_is_hqq, load_hqq_checkpoint)}
+
+
+HQQAdapter.native_readers = classmethod(_native_readers)

@@ -151,12 +151,12 @@ def test_quantize_into_a_directory_of_other_files(capsys, model_dir, tmp_path):
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(capsys, model_dir, tmp_path, monkeypatch):
-    from quantization_wrapper import serialization
+    from quantization_wrapper.checkpoint import safetensors_io
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(serialization, "_pwrite_all", no_space)  # where every tensor byte is written
+    monkeypatch.setattr(safetensors_io, "pwrite_all", no_space)  # where every tensor byte is written
     out = tmp_path / "parent" / "q"
     code, stdout, err = run(capsys, *quantize_args(model_dir, "--out", out, "--json"))
     assert code == 1

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import quantization_wrapper as qw
-from quantization_wrapper import checkpoint_dir
+from quantization_wrapper.checkpoint import files as checkpoint_dir
 from reliability.common import leftovers, logits, quantized_model, tree
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -162,7 +162,7 @@ def _umask() -> int:
 def test_full_disk_leaves_the_previous_checkpoint(model, reference, tmp_path, monkeypatch):
     import errno
 
-    from quantization_wrapper import serialization
+    from quantization_wrapper.checkpoint import safetensors_io
 
     path = tmp_path / "ckpt"
     qw.save_quantized_model(model, path)
@@ -171,7 +171,7 @@ def test_full_disk_leaves_the_previous_checkpoint(model, reference, tmp_path, mo
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(serialization, "_pwrite_all", full)  # where every tensor byte is written
+    monkeypatch.setattr(safetensors_io, "pwrite_all", full)  # where every tensor byte is written
     with pytest.raises(OSError, match="no space left .* nothing was changed"):
         qw.save_quantized_model(model, path)
     assert tree(path) == before and leftovers(tmp_path) == []
@@ -196,7 +196,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {root!r} + "/tests")
     from reliability.common import quantized_model
     import quantization_wrapper as qw
-    from quantization_wrapper import checkpoint_dir
+    from quantization_wrapper.checkpoint import files as checkpoint_dir
     model = quantized_model(seed={seed})
     mode = {mode!r}
     if mode == "between_renames":

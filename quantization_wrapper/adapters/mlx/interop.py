@@ -1,5 +1,8 @@
 """mlx-lm interop: the ``config["quantization"]`` entry mlx-lm writes next to a checkpoint of
-:class:`~.layer.MLXQuantizedLinear` layers (whose tensor names are already mlx-lm's).
+:class:`~.layer.MLXQuantizedLinear` layers (whose tensor names are already mlx-lm's), and the MLX
+adapter's checkpoint hooks: that entry in the ``config.json`` of our checkpoints
+(``peer_config_entries``) and mlx-lm's / MLX's own files among the formats ``load_quantized_model``
+reads (``native_readers``, :mod:`.checkpoint`).
 """
 
 from __future__ import annotations
@@ -8,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from .adapter import MLXAdapter
+from .checkpoint import is_mlx_checkpoint, load_mlx_checkpoint
 from .layer import MLXQuantizedLinear
 
 __all__ = ["mlx_lm_quantization_config"]
@@ -38,3 +43,17 @@ def mlx_lm_quantization_config(model: nn.Module) -> dict[str, Any]:
         if (g, b) != (group, bits):
             config[name] = {"group_size": g, "bits": b}
     return config
+
+
+def _peer_config_entries(cls, model: nn.Module, plan: Any, layers: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """mlx-lm's ``quantization`` entry (:func:`mlx_lm_quantization_config`) for the ``config.json``."""
+    return {"quantization": mlx_lm_quantization_config(model)}, {}
+
+
+def _native_readers(cls) -> dict:
+    """mlx-lm directories and MLX ``.npz`` / ``.safetensors`` files (:mod:`.checkpoint`)."""
+    return {"mlx": (is_mlx_checkpoint, load_mlx_checkpoint)}
+
+
+MLXAdapter.peer_config_entries = classmethod(_peer_config_entries)
+MLXAdapter.native_readers = classmethod(_native_readers)

@@ -30,7 +30,8 @@ dtypes. Under FSDP2 ``fully_shard`` *dequantizes* such weights into full-precisi
 Modules, each importing only those listed before it: ``layout`` (torch's CPU int4 nibble layouts,
 plain torch), ``qtensors`` (quanto's qtypes and weight tensors, quanto imported on use), ``layer``
 (:class:`QuantoLinear` and its frozen templates; imports quanto, so it is imported on first use),
-``adapter`` (:class:`QuantoAdapter`, registered when this package is imported).
+``adapter`` (:class:`QuantoAdapter`, registered when this package is imported), ``checkpoint``
+(what optimum-quanto reads beside our checkpoints' weights).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 
 from . import methods  # noqa: F401  (declares the methods before anything builds a config)
 from .adapter import QuantoAdapter, quanto_group_size
+from . import checkpoint  # noqa: F401,E402  (the adapter's checkpoint hooks)
 from .layout import INT4PACK_CANDIDATES, cpu_int4pack_layout, int4pack, int4unpack, regroup_halves  # noqa: F401
 
 __all__ = ["QuantoAdapter", "quanto_group_size"]
