@@ -40,6 +40,7 @@ __all__ = [
     "unfuse_experts_for",
     "expert_layer_shapes",
     "experts_unfused",
+    "realign_fused_experts",
 ]
 
 #: The 3-D parameters of a fused experts module, and the per-expert layer each becomes.
@@ -262,3 +263,23 @@ def experts_unfused(model: nn.Module) -> Iterator[list[str]]:
     finally:
         for name, module in originals:
             model.set_submodule(name, module)
+
+
+#: Alignment of fused expert weights in memory: torch's CPU ``grouped_mm`` (transformers' default
+#: experts implementation) rounds differently for weights at other addresses, and a memory-mapped
+#: checkpoint places tensors at 8-byte offsets.
+EXPERTS_ALIGNMENT = 64
+
+
+def realign_fused_experts(model: nn.Module) -> int:
+    """Copy the 3-D parameters of fused experts modules that do not start on a
+    :data:`EXPERTS_ALIGNMENT`-byte boundary (views of a memory-mapped file), so that the model
+    computes exactly what it computed before it was saved. Returns how many were copied."""
+    copied = 0
+    for _, module in iter_fused_experts(model):
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.ndim == 3 and param.device.type == "cpu" \
+                    and param.data_ptr() % EXPERTS_ALIGNMENT:
+                module._parameters[key] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                copied += 1
+    return copied

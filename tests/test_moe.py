@@ -215,3 +215,24 @@ def test_mixed_precision_plans_each_expert():
     quantized = model.quantization_plan
     for choice in experts:
         assert quantized[choice.name].bits == plan.config.for_layer(choice.name).bits
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_save_and_load_are_bit_exact(family, method, tmp_path):
+    from quantization_wrapper import load_quantized_model, save_quantized_model
+
+    model = MODELS[family]()
+    # block 0: every expert but one quantized; block 1: its experts kept in float (fused module)
+    quantize(model, method, skip_modules=["lm_head", "layers.0.mlp.experts.3", "layers.1.mlp.experts"])
+    assert is_fused_experts(model.model.layers[1].mlp.experts)
+    with torch.no_grad():
+        reference = model(TOKENS).logits
+    save_quantized_model(model, tmp_path / "ckpt")
+    loaded = load_quantized_model(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKENS).logits, reference)
+    assert isinstance(loaded.model.layers[0].mlp.experts, UnfusedExperts)
+    assert type(loaded.model.layers[0].mlp.experts._modules["3"].down_proj) is nn.Linear
+    assert is_fused_experts(loaded.model.layers[1].mlp.experts)
+    assert [l.name for l in loaded.quantization_plan.quantized] == [l.name for l in model.quantization_plan.quantized]

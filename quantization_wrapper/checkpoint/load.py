@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..experts import realign_fused_experts, unfuse_experts_for
 from ..config import QuantizationConfig, QuantizationMethod
 from ..errors import CheckpointError
 from ..registry import Adapter
@@ -125,6 +126,8 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
                 raise CheckpointError(f"{f}: weights file listed in {QUANT_CONFIG_NAME} is missing")
 
     model = _build_skeleton(path, info, model_config)
+    # MoE blocks saved per expert: the skeleton's fused experts become per-expert layers first
+    unfuse_experts_for(model, [layer.name for layer in plan.layers if layer.status != "skipped"])
     # The tensors the checkpoint must provide besides the planned layers, read off the skeleton
     # once: a state_dict() of the filled model would serialize every quantized layer again
     # (quanto repacks CPU int4 weights to do so, seconds per layer).
@@ -277,6 +280,7 @@ def _load_checkpoint(path: Path, info: dict[str, Any], model_config: Any, *, dev
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftovers:
         raise CheckpointError(f"{path}: after loading, these tensors have no data: {leftovers[:10]}")
+    realign_fused_experts(model)
     if device.type != "cpu":
         model.to(device)
     model.quantization_plan = plan
