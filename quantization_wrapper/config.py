@@ -208,8 +208,6 @@ class QuantizationConfig:
         return QuantizationConfig(**values)
 
     # ------------------------------------------------------------------ per-layer resolution
-    _merged = with_overrides  # transitional name, removed once every caller uses with_overrides
-
     def for_layer(self, name: str) -> "QuantizationConfig":
         """The effective config of module ``name``: this config with the best-matching
         ``layer_configs`` override applied (no skip list, no further overrides)."""

@@ -10,7 +10,7 @@ from backend_manager import Backend, detect_backend
 from .config import QuantizationConfig, QuantizationMethod
 from .recommend import get_recommended_config
 from .registry import build_adapter
-from .validation import errors_only, require_runnable, resolve_fallback, validate_quantization_config
+from .validation import errors_only, raise_for_errors, resolve_fallback, validate_quantization_config
 
 __all__ = ["create_quantization_adapter", "resolve_fallback", "QuantizationFallbackWarning"]
 
@@ -46,8 +46,7 @@ def create_quantization_adapter(backend: Backend | str | None = None, config: Qu
 
     issues = validate_quantization_config(config, backend)
     errors = errors_only(issues)
-    if strict or any(e.field.endswith("backend_options") for e in errors):
-        require_runnable(config, backend)  # raises: every problem, or a typo in an option
+    raise_for_errors(issues, backend, options_only=not strict)  # every problem, or a typo in an option
     if errors:
         top_errors = [e for e in errors if not e.field.startswith("layer_configs[")]
         chosen = config
@@ -57,7 +56,8 @@ def create_quantization_adapter(backend: Backend | str | None = None, config: Qu
         chosen = _drop_unusable_overrides(chosen, backend)
         _warn_once(config, chosen, backend, errors)
         config = chosen
-    for issue in validate_quantization_config(config, backend):
+        issues = validate_quantization_config(config, backend)  # the substitute's own warnings
+    for issue in issues:
         logger.info("quantization config: %s", issue)
     return build_adapter(config, backend, device=device)
 

@@ -20,7 +20,7 @@ from .methods import method_spec
 from .registry import ADAPTER_REGISTRY
 
 __all__ = ["Severity", "ValidationIssue", "validate_quantization_config", "errors_only", "resolve_fallback",
-           "require_runnable"]
+           "require_runnable", "raise_for_errors"]
 
 M = QuantizationMethod
 
@@ -219,21 +219,31 @@ def resolve_fallback(config: QuantizationConfig, backend: Backend | str) -> tupl
 
 
 def require_runnable(config: QuantizationConfig, backend: Backend | str) -> list[ValidationIssue]:
-    """Raise unless ``config`` runs on ``backend`` as asked; return its warnings otherwise.
+    """Raise unless ``config`` runs on ``backend`` as asked; return its issues (warnings) otherwise.
 
     Raises:
-        ValueError: ``invalid backend_options`` first (a typo in an option), else every error-level
-            issue, one per line.
+        ValueError: see :func:`raise_for_errors`.
     """
     backend = Backend.parse(backend)
     issues = validate_quantization_config(config, backend)
+    raise_for_errors(issues, backend)
+    return issues
+
+
+def raise_for_errors(issues: list[ValidationIssue], backend: Backend | str, *, options_only: bool = False) -> None:
+    """Raise for the error-level ``issues`` of a validation: ``invalid backend_options`` first (a typo
+    in an option), else every error, one per line. ``options_only``: only the option errors raise.
+
+    Raises:
+        ValueError: as above; nothing when there is no (such) error.
+    """
+    backend = Backend.parse(backend)
     errors = errors_only(issues)
     option_errors = [e for e in errors if e.field.endswith("backend_options")]
     if option_errors:  # a typo in an option must not silently switch the method
         raise ValueError("invalid backend_options:\n" + "\n".join(f"  - {e}" for e in option_errors))
-    if errors:
+    if errors and not options_only:
         raise ValueError(
             f"config cannot run on the {backend.value} backend ({len(errors)} problem"
             f"{'s' if len(errors) > 1 else ''}):\n" + "\n".join(f"  - {e}" for e in errors)
         )
-    return issues
