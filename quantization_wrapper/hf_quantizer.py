@@ -41,6 +41,7 @@ from typing import Any
 
 from torch import nn
 
+from .experts import experts_unfused, iter_fused_experts, unfuse_experts
 from .config import QuantizationConfig
 from .errors import CheckpointError
 
@@ -93,6 +94,7 @@ def hf_classes() -> tuple[type, type]:
             super().__init__(quantization_config, **kwargs)
             self._adapter = None
             self._decisions: dict[str, Any] = {}
+            self._expert_decisions: list = []
             self._loaded: dict[str, set[str]] = {}
             self._converted: set[str] = set()
             self._restore: _Restore | None = None
@@ -127,7 +129,14 @@ def hf_classes() -> tuple[type, type]:
                                          kwargs.get("checkpoint_files"))
                 return model
             refuse_quantized_model(model, self.quantization_config.method)
-            self._decisions = {d.name: d for d in plan_linear_layers(model, self.adapter)}
+            # MoE experts are planned per expert (as quantize_model does) and quantized once loaded:
+            # transformers fills the fused 3-D parameters, which then become per-expert layers
+            blocks = [name for name, _ in iter_fused_experts(model) if name]
+            with experts_unfused(model):
+                decisions = plan_linear_layers(model, self.adapter)
+            in_block = lambda n: any(n.startswith(f"{b}.") for b in blocks)  # noqa: E731
+            self._decisions = {d.name: d for d in decisions if not in_block(d.name)}
+            self._expert_decisions = [d for d in decisions if in_block(d.name)]
             self._loaded = {name: set() for name, d in self._decisions.items() if d.config is not None}
             self._converted = set()
             return model
@@ -193,10 +202,29 @@ def hf_classes() -> tuple[type, type]:
             if absent:
                 raise ValueError(f"the checkpoint lacks the weights of layers {absent[:5]}"
                                  f"{' ...' if len(absent) > 5 else ''}; they could not be quantized")
-            record_plan(model, self.adapter, list(self._decisions.values()))
-            self._decisions, self._loaded = {}, {}
+            record_plan(model, self.adapter, list(self._decisions.values()) + self._quantize_experts(model))
+            self._decisions, self._loaded, self._expert_decisions = {}, {}, []
             model.hf_quantizer = self
             return model
+
+        def _quantize_experts(self, model: nn.Module) -> list:
+            """Quantize the loaded fused experts per expert as planned; the decisions, with the loaded
+            layers (a block none of whose experts is to be quantized keeps its fused module)."""
+            from .surgery import LayerDecision, convert_layer
+
+            planned = [d for d in self._expert_decisions if d.config is not None]
+            blocks = {name for name, _ in iter_fused_experts(model) if any(d.name.startswith(f"{name}.") for d in planned)}
+            for name in blocks:
+                model.set_submodule(name, unfuse_experts(model.get_submodule(name)))
+            out = []
+            for d in self._expert_decisions:
+                if d.config is None:
+                    out.append(d)
+                    continue
+                loaded = LayerDecision(d.name, model.get_submodule(d.name), d.config, d.reason)
+                model.set_submodule(d.name, convert_layer(self.adapter, loaded))
+                out.append(loaded)
+            return out
 
         # -- what Trainer / TRL / save_pretrained ask
         @property

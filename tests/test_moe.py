@@ -236,3 +236,19 @@ def test_save_and_load_are_bit_exact(family, method, tmp_path):
     assert type(loaded.model.layers[0].mlp.experts._modules["3"].down_proj) is nn.Linear
     assert is_fused_experts(loaded.model.layers[1].mlp.experts)
     assert [l.name for l in loaded.quantization_plan.quantized] == [l.name for l in model.quantization_plan.quantized]
+
+
+@pytest.mark.parametrize("method", ["hqq", "bnb_nf4", "mlx_int4", "quanto_int4"])
+def test_from_pretrained_quantizes_experts_as_quantize_model_does(method, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    mixtral().save_pretrained(tmp_path / "float")
+    config = QuantizationConfig(method=method, skip_modules=["lm_head", "layers.0.mlp.experts.3"])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    create_quantization_adapter("cpu", config).quantize_model(reference)
+    assert sorted((l.name, l.status, l.bits, l.bytes_after) for l in loaded.quantization_plan.layers) == \
+        sorted((l.name, l.status, l.bits, l.bytes_after) for l in reference.quantization_plan.layers)
+    assert loaded.quantization_plan.quantized_share > 0.9  # one expert of 16 skipped
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKENS).logits, reference(TOKENS).logits)
