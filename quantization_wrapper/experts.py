@@ -170,6 +170,9 @@ def unfuse_experts(module: nn.Module) -> nn.Module:
     for key, value in module._modules.items():
         new.add_module(key, value)
     new._fused_original = type(module)
+    # transformers' _init_weights initializes an experts module's 3-D parameters, which the container
+    # no longer has: its experts are initialized (or loaded) as the linear layers they are
+    new._is_hf_initialized = True
     new.train(module.training)
     return new
 

@@ -252,3 +252,19 @@ def test_from_pretrained_quantizes_experts_as_quantize_model_does(method, tmp_pa
     assert loaded.quantization_plan.quantized_share > 0.9  # one expert of 16 skipped
     with torch.no_grad():
         assert torch.equal(loaded(TOKENS).logits, reference(TOKENS).logits)
+
+
+@pytest.mark.parametrize("method", ["hqq", "bnb_nf4", "mlx_int4", "quanto_int4"])
+def test_save_pretrained_and_from_pretrained_round_trip(method, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = mixtral()
+    quantize(model, method, skip_modules=["lm_head", "layers.0.mlp.experts.3", "layers.1.mlp.experts"])
+    with torch.no_grad():
+        reference = model(TOKENS).logits
+    model.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKENS).logits, reference)
+    assert isinstance(loaded.model.layers[0].mlp.experts, UnfusedExperts)
+    assert is_fused_experts(loaded.model.layers[1].mlp.experts)
