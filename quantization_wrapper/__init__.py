@@ -188,12 +188,14 @@ __all__ += [
 # The peers' native checkpoints (mlx-lm / MLX, hqq), also read by load_quantized_model.
 from .adapters.hqq import load_hqq_checkpoint  # noqa: E402
 from .adapters.mlx.checkpoint import load_mlx_checkpoint  # noqa: E402
+from .adapters.mlx.interop import save_mlx_lm  # noqa: E402
 from .checkpoint import detect_native_format, load_native_checkpoint  # noqa: E402
 
 __all__ += [
     "detect_native_format",
     "load_native_checkpoint",
     "load_mlx_checkpoint",
+    "save_mlx_lm",
     "load_hqq_checkpoint",
 ]
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from torch import nn
 
+from .checkpoint.names import model_key_renamer
 from .experts import experts_unfused, iter_fused_experts, unfuse_experts, unfuse_experts_for
 from .config import QuantizationConfig
 from .errors import CheckpointError
@@ -321,7 +322,7 @@ class _Restore:
 
         self.layers = {layer.name: layer for layer in self.plan.converted}
         unfuse_experts_for(model, list(self.layers))  # MoE blocks saved per expert
-        to_model = _model_key_renamer(model)  # save_pretrained wrote the model's on-disk names
+        to_model = model_key_renamer(model)  # save_pretrained wrote the model's on-disk names
         self.by_layer: dict[str, list[str]] = {}
         for f in files:
             with safe_open(f, framework="pt") as handle:
@@ -405,19 +406,6 @@ class _Restore:
         for method in sorted({l.method for l in self.plan.converted} - {self.config.method.value}):
             layer_adapter(self.config, method, None, self.adapters).mark_model(model)
         layer_adapter(self.config, self.config.method.value, None, self.adapters).mark_model(model)
-
-
-def _model_key_renamer(model: nn.Module) -> Any:
-    """``key -> model key``: the renamings transformers applies to a checkpoint's keys before it
-    matches them (``block_sparse_moe`` -> ``mlp`` for Mixtral, the base-model prefix), without its
-    converters: our layers' tensors are matched by their own converters, one exact key each."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    expected = model.state_dict()
-    prefix = getattr(model, "base_model_prefix", "")
-    return lambda key: rename_source_key(key, renamings, [], prefix, expected)[0]
 
 
 def _mark_loaded(module: nn.Module) -> None:

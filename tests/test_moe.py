@@ -268,3 +268,47 @@ def test_save_pretrained_and_from_pretrained_round_trip(method, tmp_path):
         assert torch.equal(loaded(TOKENS).logits, reference)
     assert isinstance(loaded.model.layers[0].mlp.experts, UnfusedExperts)
     assert is_fused_experts(loaded.model.layers[1].mlp.experts)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_mlx_lm_reads_the_switch_glu_layout_and_so_do_we(family, tmp_path):
+    mx = pytest.importorskip("mlx.core")
+    import numpy as np
+    from mlx_lm.utils import load_model
+
+    from quantization_wrapper import load_quantized_model, save_mlx_lm
+
+    model = MODELS[family]()
+    quantize(model, "mlx_int4", group_size=32)
+    with torch.no_grad():
+        reference = model(TOKENS).logits
+    path = save_mlx_lm(model, tmp_path / "mlx")
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        names = set(handle.keys())
+        prefix = "block_sparse_moe" if family == "mixtral" else "mlp"
+        stacked = handle.get_tensor(f"model.layers.0.{prefix}.switch_mlp.gate_proj.weight")
+    assert stacked.shape[0] == 8 and not any(".experts." in n for n in names)
+    peer, _ = load_model(path)  # mlx-lm's strict loader: every tensor used, none missing
+    logits = torch.from_numpy(np.array(peer(mx.array(TOKENS.numpy())).astype(mx.float32)))
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+    back = load_quantized_model(path)  # mlx-lm's layout read back per expert
+    with torch.no_grad():
+        assert torch.equal(back(TOKENS).logits, reference)
+    assert isinstance(back.model.layers[1].mlp.experts, UnfusedExperts)
+
+
+def test_mlx_lm_layout_needs_one_format_per_block_and_our_format_says_so(tmp_path):
+    from quantization_wrapper import save_mlx_lm, save_quantized_model
+
+    model = mixtral()
+    quantize(model, "mlx_int4", group_size=32, skip_modules=["lm_head", "layers.0.mlp.experts.3"])
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts: mlx-lm's SwitchLinear .* is a Linear"):
+        save_mlx_lm(model, tmp_path / "mlx")
+    assert not (tmp_path / "mlx").exists()
+    with pytest.warns(UserWarning, match="save_mlx_lm"):
+        save_quantized_model(model, tmp_path / "ours")
+    import json
+
+    assert "quantization" not in json.loads((tmp_path / "ours" / "config.json").read_text())

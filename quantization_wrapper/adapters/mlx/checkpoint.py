@@ -26,6 +26,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ...checkpoint.names import model_key_renamer
+from ...experts import unfuse_experts_for
 from ...checkpoint.description import layer_adapter
 from ...checkpoint.files import confined_file
 from ...checkpoint.native import (check_method, config_summary, fill_tensors, finish_model, linear_layers,
@@ -107,6 +109,64 @@ class _SafetensorsTensors:
 
     def close(self) -> None:
         self._files.close()
+
+
+class _SwitchMLPTensors:
+    """An mlx-lm checkpoint's tensors under the model's names: transformers' renamings applied
+    (``block_sparse_moe`` -> ``mlp``) and each block's ``switch_mlp`` (``SwitchGLU``: ``gate_proj``,
+    ``up_proj``, ``down_proj`` stacked over the experts) presented per expert as the unfused experts
+    hold them: ``experts.<e>.gate_up_proj.*`` (gate rows, then up rows) and ``experts.<e>.down_proj.*``."""
+
+    def __init__(self, source: Any, model: nn.Module):
+        self.source = source
+        rename = model_key_renamer(model)
+        self.plain: dict[str, str] = {}
+        self.expert: dict[str, tuple[list[str], int]] = {}  # model key -> (source keys, expert)
+        blocks: dict[str, int] = {}
+        for key in source.keys():
+            if ".switch_mlp." not in key:
+                self.plain[rename(key)] = key
+                continue
+            disk_parent, _, rest = key.partition(".switch_mlp.")
+            proj, _, tensor = rest.partition(".")
+            parent = rename(f"{disk_parent}.gate.weight").removesuffix(".gate.weight")
+            if parent not in blocks:
+                blocks[parent] = submodule(source_path(source), model, f"{parent}.experts", f"tensor {key}").num_experts
+            if proj == "down_proj":
+                sources, target = [key], "down_proj"
+            elif proj in ("gate_proj", "up_proj"):
+                sources, target = [f"{disk_parent}.switch_mlp.gate_proj.{tensor}",
+                                   f"{disk_parent}.switch_mlp.up_proj.{tensor}"], "gate_up_proj"
+            else:
+                raise CheckpointError(f"{source_path(source)}: {key}: unknown SwitchGLU projection {proj!r}")
+            for e in range(blocks[parent]):
+                self.expert[f"{parent}.experts.{e}.{target}.{tensor}"] = (sources, e)
+
+    def expert_layers(self) -> list[str]:
+        return sorted({k.rpartition(".")[0] for k in self.expert})
+
+    def keys(self) -> list[str]:
+        return list(self.plain) + list(self.expert)
+
+    def read(self, key: str) -> torch.Tensor:
+        if key in self.plain:
+            return self.source.read(self.plain[key])
+        sources, e = self.expert[key]
+        parts = []
+        for name in sources:
+            stacked = self.source.read(name)
+            if stacked.ndim < 2:
+                raise CheckpointError(f"{source_path(self.source)}: {name} is not stacked over experts "
+                                      f"(shape {tuple(stacked.shape)})")
+            parts.append(stacked[e])
+        return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def source_path(source: Any) -> Path:
+    return getattr(source, "path", Path("the checkpoint"))
 
 
 def _safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
@@ -234,6 +294,11 @@ def load_mlx_checkpoint(path: str | os.PathLike, model_config: Any = None, *, de
         source = _NpzTensors(path) if path.suffix == ".npz" else _SafetensorsTensors(path)
     try:
         model = native_skeleton(path, config_json, model_config)
+        if any(".switch_mlp." in k for k in source.keys()):  # an MoE in mlx-lm's SwitchGLU layout
+            source = _SwitchMLPTensors(source, model)
+            unfuse_experts_for(model, source.expert_layers())
+            if quant is not None:  # its per-layer settings name the stacked layers: per expert now
+                quant = {k: v for k, v in quant.items() if ".switch_mlp." not in k}
         keys = set(source.keys())
         prefixes = sorted(k[: -len(".scales")] for k in keys if k.endswith(".scales"))
         if not prefixes:
