@@ -35,8 +35,13 @@ def mlx_lm_quantization_config(model: nn.Module) -> dict[str, Any]:
     Raises:
         ValueError: when the model has no MLX layer.
     """
-    layers = {name: (m.group_size, m.bits) for name, m in model.named_modules()
-              if isinstance(m, MLXQuantizedLinear)}
+    return _quantization_entry({name: (m.group_size, m.bits) for name, m in model.named_modules()
+                                if isinstance(m, MLXQuantizedLinear)})
+
+
+def _quantization_entry(layers: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """mlx-lm's ``quantization`` entry for ``{layer name: (group_size, bits)}``: the most common
+    setting as the default, the others per layer."""
     if not layers:
         raise ValueError("the model has no MLXQuantizedLinear layer; quantize it with an MLX method first")
     counts: dict[tuple[int, int], int] = {}
@@ -154,6 +159,7 @@ def save_mlx_lm(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
+    from ...checkpoint.files import StagedDirectory
     from ...experts import UnfusedExperts
 
     path = Path(path)
@@ -177,8 +183,6 @@ def save_mlx_lm(model: nn.Module, path: str | os.PathLike) -> Path:
                 tensors[f"{name}.{key}"] = t
             settings[name] = (module.group_size, module.bits)
             covered.append(name + ".")
-    if not settings:
-        raise ValueError("the model has no MLXQuantizedLinear layer; quantize it with an MLX method first")
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for key, t in model.state_dict().items():
         if key.startswith(tuple(covered)) or (tied and key == "lm_head.weight"):
@@ -192,20 +196,14 @@ def save_mlx_lm(model: nn.Module, path: str | os.PathLike) -> Path:
             probe = next((k for k in names if k.startswith(parent + ".") and ".switch_mlp." not in k), None)
             disk_parent = names[probe][: -len(probe[len(parent):])] if probe else parent
             names[key] = f"{disk_parent}.switch_mlp.{rest}"
-    counts: dict[tuple[int, int], int] = {}
-    for setting in settings.values():
-        counts[setting] = counts.get(setting, 0) + 1
-    group, bits = max(counts, key=lambda k: (counts[k], k[1]))
-    quantization: dict[str, Any] = {"group_size": group, "bits": bits, "mode": "affine"}
-    for name, (g, b) in settings.items():
-        if (g, b) != (group, bits):
-            disk = names.get(f"{name}.weight", f"{name}.weight")
-            quantization[disk.removesuffix(".weight")] = {"group_size": g, "bits": b}
+    quantization = _quantization_entry({names.get(f"{n}.weight", f"{n}.weight").removesuffix(".weight"): v
+                                        for n, v in settings.items()})
     config = _mlx_lm_config(model)
     config["quantization"] = quantization
     config["quantization_config"] = quantization
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({names[k]: t.contiguous() for k, t in tensors.items()}, str(path / "model.safetensors"),
-              metadata={"format": "mlx"})
-    (path / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    with StagedDirectory(path, overwrite=False) as stage:  # all or nothing: a failed write leaves no directory
+        save_file({names[k]: t.contiguous() for k, t in tensors.items()}, str(stage.path / "model.safetensors"),
+                  metadata={"format": "mlx"})
+        (stage.path / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        stage.commit()
     return path
