@@ -41,6 +41,7 @@ from torch import nn
 from .methods import method_spec
 from .config import bits_per_weight, QuantizationConfig, QuantizationMethod, dtype_to_str
 from .patterns import best_match
+from .checkpoint.skeleton import model_from_config
 from .experts import expert_layer_shapes, iter_fused_experts
 from .surgery import LayerPlan, QuantizationPlan, iter_linear_layers
 from .units import format_bytes
@@ -130,18 +131,9 @@ def fit_layer_config(config: QuantizationConfig, in_features: int,
 
 # ---------------------------------------------------------------------- the model's layers
 def _model_from_config(model_config: Any, dtype: torch.dtype | None) -> nn.Module:
-    """A transformers model built from its config on the meta device (nothing allocated)."""
-    import transformers
-
-    architectures = getattr(model_config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
-    dtype = dtype or _config_dtype(model_config) or torch.float32
-    with torch.device("meta"):
-        if cls is not None:
-            model = cls._from_config(model_config, dtype=dtype)
-        else:
-            model = transformers.AutoModel.from_config(model_config, dtype=dtype)
-    return model
+    """A transformers model built from its config on the meta device (nothing allocated; the one
+    skeleton builder, which changes nothing process-wide)."""
+    return model_from_config(model_config, dtype=dtype or _config_dtype(model_config) or torch.float32)
 
 
 def _config_dtype(model_config: Any) -> torch.dtype | None:
