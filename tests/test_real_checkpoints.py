@@ -18,6 +18,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import quantization_wrapper as qw  # noqa: E402
+from quantization_wrapper.experts import UnfusedExperts  # noqa: E402
 from quantization_wrapper.loading import load_and_quantize  # noqa: E402
 
 HQQ4 = dict(method="hqq", bits=4, group_size=32)
@@ -238,27 +239,62 @@ MOE = {
 }
 
 
-@pytest.mark.parametrize("kind", list(MOE))
-@pytest.mark.parametrize("fields", [HQQ4, NF4], ids=["hqq4", "bnb_nf4"])
-def test_moe_experts_stored_per_expert_are_fused_as_transformers_fuses_them(tmp_path, kind, fields):
+#: every method, as the streaming loader and quantize_model both quantize experts with it
+MOE_METHODS = {"hqq4": HQQ4, "bnb_nf4": NF4, "bnb_int8": dict(method="bnb_int8"),
+               "mlx_int4": dict(method="mlx_int4", group_size=32), "quanto_int4": dict(method="quanto_int4")}
+
+
+def moe_checkpoint(tmp_path, kind, **save):
     config_name, class_name, extra, per_expert_key, fused_shape = MOE[kind]
     if not hasattr(transformers, class_name):
         pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
     cls = getattr(transformers, class_name)
     torch.manual_seed(0)
     path = tmp_path / kind
-    model = cls(getattr(transformers, config_name)(**LLAMA, **extra))
-    model.save_pretrained(path, max_shard_size="60KB")  # the experts of a layer spread over shards
+    cls(getattr(transformers, config_name)(**LLAMA, **extra)).save_pretrained(path, **save)
     stored = file_keys(path)
     assert per_expert_key in stored and not any("experts.gate_up_proj" in k for k in stored)
+    return cls, path, fused_shape
+
+
+def assert_same_expert_layers(ref, got):
+    """Each expert projection: the same module type and the same layer state (the adapter's own
+    ``layer_state_dict``, what a save writes), tensor for tensor."""
+    experts = [l for l in ref.quantization_plan.converted if ".experts." in l.name]
+    assert experts
+    adapter = qw.create_quantization_adapter("cpu", ref.quantization_config)
+    for layer in experts:
+        a, b = ref.get_submodule(layer.name), got.get_submodule(layer.name)
+        assert type(a) is type(b), layer.name
+        target = adapter.for_method(layer.method)
+        sa, sb = target.layer_state_dict(a), target.layer_state_dict(b)
+        assert sa.keys() == sb.keys(), layer.name
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), f"{layer.name}: {key}"
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+@pytest.mark.parametrize("fields", list(MOE_METHODS.values()), ids=list(MOE_METHODS))
+def test_moe_experts_stored_per_expert_are_fused_as_transformers_fuses_them(tmp_path, kind, fields):
+    """Per-expert tensors on disk (as save_pretrained writes them, a layer's experts spread over
+    shards): each expert is assembled as transformers' conversion assembles it and quantized, like
+    from_pretrained + quantize_model quantizes the unfused experts, bit for bit."""
+    cls, path, fused_shape = moe_checkpoint(tmp_path, kind, max_shard_size="60KB")
     ref = quantized_reference(cls, path, fields)
-    with pytest.warns(UserWarning, match=r"4 tensors that transformers fuses on load.*experts.*stay in float32"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         got = stream(path, fields)
+    assert not [w for w in caught if "fuses on load" in str(w.message) or "stay in" in str(w.message)]
     assert_same_state(ref, got)
+    assert_same_expert_layers(ref, got)
     assert torch.equal(logits(ref), logits(got))
-    fused = got.model.layers[0].mlp.experts.gate_up_proj
-    assert fused.shape == fused_shape and fused.dtype is torch.float32  # not quantized, for now
-    assert not any("experts" in layer.name for layer in got.quantization_plan.layers)
+    experts = got.model.layers[0].mlp.experts
+    assert isinstance(experts, UnfusedExperts) and experts.num_experts == fused_shape[0]
+    assert "gate_up_proj" not in experts._parameters
+    plan = got.quantization_plan
+    names = [l.name for l in plan.quantized if ".experts." in l.name]
+    assert len(names) == 2 * 2 * fused_shape[0]  # layers x projections x experts
+    assert plan["model.layers.1.mlp.experts.3.gate_up_proj"].out_features == fused_shape[1]
     assert [repr(t) for t in got._weight_conversions] == [repr(t) for t in ref._weight_conversions]
 
 
@@ -305,8 +341,8 @@ def test_missing_weight_the_model_declares_optional_is_initialized_as_from_pretr
 
 
 def test_moe_in_bfloat16_matches_from_pretrained_in_bfloat16(tmp_path):
-    """dtype= converts each per-expert piece to the dtype of the fused tensor before fusing, as
-    from_pretrained(dtype=...) does."""
+    """dtype= converts each per-expert piece to the dtype of the fused tensor before assembling
+    the expert, as from_pretrained(dtype=...) converts them before fusing."""
     torch.manual_seed(0)
     path = tmp_path / "mixtral"
     config = transformers.MixtralConfig(**LLAMA, num_local_experts=4, num_experts_per_tok=2)
@@ -316,6 +352,7 @@ def test_moe_in_bfloat16_matches_from_pretrained_in_bfloat16(tmp_path):
         warnings.simplefilter("ignore")
         ref = qw.create_quantization_adapter("cpu", qw.QuantizationConfig(**HQQ4)).quantize_model(model)
         got = stream(path, HQQ4, dtype="bfloat16")
-    assert got.model.layers[0].mlp.experts.down_proj.dtype is torch.bfloat16
+    assert got.quantization_plan["model.layers.0.mlp.experts.0.down_proj"].bytes_before == 64 * 128 * 2
     assert_same_state(ref, got)
+    assert_same_expert_layers(ref, got)
     assert torch.equal(logits(ref), logits(got))

@@ -10,6 +10,14 @@ copied: the model's conversion mapping (renamed and legacy names, per-expert MoE
 one tensor), ``base_model_prefix`` added or stripped, tied weights and the model's ignore lists. A
 conversion runs as soon as the last of its checkpoint tensors has arrived.
 
+Mixture-of-experts blocks are planned as ``quantize_model`` plans them: the skeleton's fused experts
+modules become containers of per-expert linear layers (on meta), and a block with no expert to
+quantize gets its fused module back. An expert of an unfused block is quantized as soon as its own
+checkpoint tensors have arrived: transformers' conversion (stack, then concatenate gate and up) runs
+on that expert alone, which gives exactly its slice of the fused tensor, so the fused
+``[experts, 2 x intermediate, hidden]`` tensor is never built. A checkpoint that holds the fused 3-D
+tensors (or a conversion that cannot run per expert) hands each expert a view of the tensor.
+
 The shards are memory-mapped privately (:class:`~.safetensors_io.SafetensorsReader`) and each
 layer's pages are handed back as soon as the layer is quantized: a multi-GB checkpoint passes
 through a few MB of resident memory. The allocator policy lives here too: freed memory goes back
@@ -21,6 +29,7 @@ layer-sized tensor work on worker threads (here and in the loader of our own che
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 import logging
@@ -42,6 +51,7 @@ from tqdm.auto import tqdm
 from backend_manager import Backend, detect_backend
 
 from ..config import QuantizationConfig, parse_dtype
+from ..experts import expert_layer_shapes, iter_fused_experts, unfuse_experts
 from ..registry import get_adapter_class
 from ..surgery import LayerDecision, convert_layer, plan_linear_layers, record_plan
 from ..tensors import leaf_tensors, tensor_nbytes
@@ -109,13 +119,22 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tenso
 
 class _Piece:
     """A tensor on its way into the model: a checkpoint entry (read from the mapped file when it is
-    used) or a tensor that one of transformers' weight conversions produced."""
+    used) or a tensor that one of transformers' weight conversions produced, or one expert's slice
+    of either (``mapped``: the reader whose file it views; ``on_release``: called instead of
+    releasing pages, once the slice is done with)."""
 
-    __slots__ = ("reader", "key", "tensor")
+    __slots__ = ("reader", "key", "tensor", "mapped", "on_release")
 
     def __init__(self, reader: SafetensorsReader | None = None, key: str | None = None,
-                 tensor: torch.Tensor | None = None):
+                 tensor: torch.Tensor | None = None, mapped: SafetensorsReader | None = None,
+                 on_release: Any = None):
         self.reader, self.key, self.tensor = reader, key, tensor
+        self.mapped, self.on_release = mapped, on_release
+
+    @property
+    def file(self) -> SafetensorsReader | None:
+        """The reader whose memory map the tensor may view (``None``: process memory)."""
+        return self.reader if self.tensor is None else self.mapped
 
     def view(self) -> torch.Tensor:
         """The tensor without a copy (a view of the mapped file for a checkpoint entry)."""
@@ -125,11 +144,73 @@ class _Piece:
         """The tensor in process memory, floating tensors converted to ``dtype`` when given."""
         if self.tensor is None:
             return self.reader.read(self.key, dtype)
-        return self.tensor.to(dtype) if dtype is not None and self.tensor.is_floating_point() else self.tensor
+        t = self.tensor
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            return t.to(dtype)
+        return t.clone() if self.mapped is not None else t
 
     def release(self) -> None:
         if self.tensor is None:
             self.reader.release([self.key])
+        elif self.on_release is not None:
+            self.on_release()
+
+
+class _Countdown:
+    """Calls ``action`` once ``count`` calls have been made (from any thread)."""
+
+    __slots__ = ("count", "action", "lock")
+
+    def __init__(self, count: int, action: Any):
+        self.count, self.action, self.lock = count, action, threading.Lock()
+
+    def __call__(self) -> None:
+        with self.lock:
+            self.count -= 1
+            due = self.count == 0
+        if due:
+            self.action()
+
+
+@dataclass
+class _ExpertTensor:
+    """A fused experts tensor of the architecture (``block.gate_up_proj``, ``block.down_proj_bias``)
+    whose block is unfused for quantization: it reaches the model one expert at a time, as the
+    per-expert layer ``block.<e>.<projection>.<attr>``."""
+
+    block: str
+    projection: str
+    attr: str  # "weight" or "bias"
+    num_experts: int
+    transposed: bool
+
+    def expert_key(self, e: int) -> str:
+        return f"{self.block}.{e}.{self.projection}.{self.attr}"
+
+    def expert_slice(self, fused: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e`` of the fused tensor as its linear layer holds it (a view, as
+        :func:`~quantization_wrapper.experts.unfuse_experts` makes it)."""
+        t = fused[e]
+        return t.t() if self.transposed and self.attr == "weight" else t
+
+
+@dataclass
+class _Assembly:
+    """A fused experts tensor that transformers assembles from per-expert checkpoint tensors
+    (``MergeModulelist`` first, then per-expert operations only), assembled one expert at a time.
+
+    Attributes:
+        converter: transformers' converter (no tensor added), copied for each expert.
+        pieces: per expert, its ``(checkpoint key, source pattern)`` in ``from_pretrained``'s order.
+        expert_of: checkpoint key -> its expert (its place in the stacked list of its pattern).
+        left: per expert, the checkpoint tensors still to arrive.
+    """
+
+    tensor: _ExpertTensor
+    converter: Any
+    pieces: list[list[tuple[str, str]]]
+    expert_of: dict[str, int]
+    left: list[int]
 
 
 @dataclass
@@ -270,6 +351,98 @@ def _route_tied(model: nn.Module, missing: set[str], route: _Route) -> None:
         missing.discard(target)
 
 
+def _plan_with_experts_unfused(model: nn.Module, adapter: Any, module_filter: Any
+                               ) -> tuple[list[LayerDecision], dict[str, _ExpertTensor], set[str]]:
+    """Plan the skeleton as ``quantize_model`` plans a model: every fused experts module becomes a
+    container of per-expert linear layers (on meta) and the layers are planned; a block with no
+    expert to quantize gets its fused module back (its experts' decisions stay in the plan).
+
+    Returns the decisions, the fused tensors of the blocks left unfused (model key -> where each
+    expert goes) and the names of every fused experts module."""
+    fused = [(name, module) for name, module in iter_fused_experts(model) if name]
+    for name, module in fused:
+        model.set_submodule(name, unfuse_experts(module))
+    decisions = plan_linear_layers(model, adapter, module_filter=module_filter)
+    quantized = [d.name for d in decisions if d.config is not None]
+    split: dict[str, _ExpertTensor] = {}
+    for name, module in fused:
+        if not any(n.startswith(f"{name}.") for n in quantized):
+            model.set_submodule(name, module)
+            continue
+        transposed = bool(getattr(module, "is_transposed", False))
+        projections = {layer.rpartition(".")[2] for layer, *_ in expert_layer_shapes(name, module)}
+        for key, param in module._parameters.items():
+            projection, is_bias = (key[:-len("_bias")], True) if key.endswith("_bias") else (key, False)
+            if param is None or projection not in projections:
+                continue
+            split[f"{name}.{key}"] = _ExpertTensor(name, projection, "bias" if is_bias else "weight",
+                                                   param.shape[0], transposed)
+    return decisions, split, {name for name, _ in fused}
+
+
+def _assembled_per_expert(converter: Any) -> bool:
+    """Whether transformers' ``converter`` stacks per-expert tensors first (``MergeModulelist`` along
+    dimension 0) and then only transforms each expert on its own (``Concatenate``/``Interleave``
+    along another dimension, ``Transpose`` of two others without a shape check): then converting
+    one expert's tensors gives exactly that expert's slice of the fused tensor."""
+    try:
+        from transformers.core_model_loading import Concatenate, Interleave, MergeModulelist, Transpose
+    except ImportError:
+        return False
+    ops = list(getattr(converter, "operations", None) or [])
+    if getattr(converter, "quantization_operation", None) is not None:
+        return False
+    if not ops or type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+        return False
+    for op in ops[1:]:
+        if type(op) in (Concatenate, Interleave) and op.dim % 3 != 0:
+            continue
+        if type(op) is Transpose and not op.check_dims and 0 not in (op.dim0 % 3, op.dim1 % 3):
+            continue
+        return False
+    return True
+
+
+def _assemblies(route: _Route, split: dict[str, _ExpertTensor]) -> dict[str, _Assembly]:
+    """The conversions into unfused blocks' tensors that can run one expert at a time: a single
+    target, operations :func:`_assembled_per_expert`, and as many tensors per source pattern as
+    the block has experts (the i-th of each pattern is expert i, as ``MergeModulelist`` stacks them)."""
+    out = {}
+    for target, pieces in route.pieces.items():
+        tensor = split.get(target)
+        converter = route.converters.get(target)
+        if tensor is None or route.outputs.get(target) != [target] or not _assembled_per_expert(converter):
+            continue
+        per_pattern: dict[str, int] = {}
+        expert_of = {}
+        for key, pattern in pieces:
+            expert_of[key] = per_pattern.get(pattern, 0)
+            per_pattern[pattern] = expert_of[key] + 1
+        if set(per_pattern.values()) != {tensor.num_experts}:
+            continue
+        by_expert: list[list[tuple[str, str]]] = [[] for _ in range(tensor.num_experts)]
+        for key, pattern in pieces:
+            by_expert[expert_of[key]].append((key, pattern))
+        out[target] = _Assembly(tensor, converter, by_expert, expert_of, [len(p) for p in by_expert])
+    return out
+
+
+class _RoutedModel:
+    """The model as transformers' conversions see it (some read ``model.get_parameter(target)`` for
+    its shape or dtype): the architecture's tensors as the checkpoint was routed into them, fused
+    experts included, whatever has been unfused or quantized since."""
+
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor]):
+        self._model, self._tensors = model, tensors
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        t = self._tensors.get(name)
+        return t if t is not None else self._model.get_parameter(name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
 def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationConfig | None = None, *,
                       backend: Backend | str | None = None, dtype: torch.dtype | str | None = None,
                       workers: int | None = None, progress: bool = True, module_filter: Any = None) -> nn.Module:
@@ -282,9 +455,12 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
     The checkpoint is matched to the architecture by transformers' own loading rules (see
     :func:`_route_checkpoint`): its renamings and legacy names, ``base_model_prefix`` added or
     stripped, tied weights, the model's ignore lists, and its weight conversions. A conversion
-    runs when the last of its checkpoint tensors has arrived, e.g. a fused MoE expert tensor
-    when all its experts have. Fused expert tensors are not ``nn.Linear`` layers: they stay in
-    float, as ``quantize_model`` leaves them (a warning says how much).
+    runs when the last of its checkpoint tensors has arrived. MoE experts are quantized per expert,
+    as ``quantize_model`` quantizes them (``skip_modules``/``layer_configs`` address a block,
+    ``mlp.experts``, an expert, ``layers.0.mlp.experts.3``, or a projection): each expert is
+    assembled from its per-expert checkpoint tensors by transformers' conversion run on that expert
+    alone and quantized at once, never the whole fused tensor in float; a block none of whose
+    experts is quantized keeps transformers' fused module, filled with the fused tensor.
 
     Unlike ``from_pretrained``, which initializes the weights a checkpoint lacks randomly and only
     logs it, a checkpoint that lacks weights of the architecture is refused, naming them (the
@@ -339,14 +515,20 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
             config = get_recommended_config(backend, size_b)
         adapter = create_quantization_adapter(backend, config)
         model = build_empty_model(checkpoint_dir, dtype)
-        decisions = {d.name: d for d in plan_linear_layers(model, adapter, module_filter=module_filter)}
-        if workers is None:
-            workers = default_workers(cores, decisions.values())
+        # The checkpoint is routed into the architecture as transformers builds it (fused experts);
+        # then the experts are unfused and planned per expert, as quantize_model plans them.
         expected = dict(model.state_dict(keep_vars=True))
         route = _route_checkpoint(model, list(shapes))
+        planned, split, expert_blocks = _plan_with_experts_unfused(model, adapter, module_filter)
+        decisions = {d.name: d for d in planned}
+        if workers is None:
+            workers = default_workers(cores, decisions.values())
         _check_keys(checkpoint_dir, model, expected, shapes, route)
+        routed = _RoutedModel(model, dict(expected))
+        expected.update(model.state_dict(keep_vars=True))  # the unfused experts' layers
         reader_of = {key: reader for reader in files.readers for key in reader.keys()}
-        remaining = {target: len(pieces) for target, pieces in route.pieces.items()}
+        assemblies = _assemblies(route, split)
+        remaining = {target: len(pieces) for target, pieces in route.pieces.items() if target not in assemblies}
 
         def wanted(name: str) -> torch.dtype | None:
             """The dtype ``name`` is loaded in: the architecture's (as built for ``dtype``), or as stored."""
@@ -382,7 +564,7 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
                 kept = module._parameters.get(attr)
                 if type(kept) is nn.Parameter and kept.is_floating_point() and getattr(linear, attr) is not None:
                     kept.requires_grad_(getattr(linear, attr).requires_grad)
-            for reader in {id(p.reader): p.reader for p in pieces.values() if p.reader is not None}.values():
+            for reader in {id(p.file): p.file for p in pieces.values() if p.file is not None}.values():
                 _own_memory(module, reader, decision.name)
             for piece in pieces.values():
                 piece.release()
@@ -402,7 +584,16 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
 
         def deliver(name: str, piece: _Piece, pool: Any) -> None:
             """Hand the tensor of model key ``name`` (and of the tied keys it fills) to its layer to
-            quantize, or install it; tied float parameters share one ``nn.Parameter``."""
+            quantize, or install it; tied float parameters share one ``nn.Parameter``. A fused
+            experts tensor of an unfused block goes to its experts' layers, one view per expert."""
+            expert_tensor = split.get(name)
+            if expert_tensor is not None:
+                whole = piece.view()
+                done = _Countdown(expert_tensor.num_experts, piece.release)
+                for e in range(expert_tensor.num_experts):
+                    deliver(expert_tensor.expert_key(e), _Piece(tensor=expert_tensor.expert_slice(whole, e),
+                                                                mapped=piece.file, on_release=done), pool)
+                return
             shared = None
             for target in (name, *route.fills.get(name, ())):
                 module_name, _, attr = target.rpartition(".")
@@ -429,7 +620,7 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
             for key, pattern in pieces:
                 converter.add_tensor(target, key, pattern, functools.partial(reader_of[key].read, key, wanted(target)))
             try:
-                produced = converter.convert(target, model=model, config=getattr(model, "config", None))
+                produced = converter.convert(target, model=routed, config=getattr(model, "config", None))
             except Exception as e:
                 raise ValueError(f"{checkpoint_dir}: transformers' conversion {converter!r} of {len(pieces)} "
                                  f"checkpoint tensors ({pieces[0][0]!r}, ...) into {target!r} failed: "
@@ -447,12 +638,46 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
                                     architecture="the architecture described by config.json")
                 deliver(name, _Piece(tensor=value), pool)
 
+        def convert_expert(target: str, e: int) -> None:
+            """Run the conversion of one expert's checkpoint tensors (all arrived) into its slice of the
+            fused tensor ``target`` -- what from_pretrained's conversion of every expert holds at index
+            ``e`` -- and deliver it to the expert's layer: the fused tensor never exists."""
+            assembly = assemblies[target]
+            converter, pieces = copy.deepcopy(assembly.converter), assembly.pieces[e]
+            for key, pattern in pieces:
+                converter.add_tensor(target, key, pattern, functools.partial(reader_of[key].read, key, wanted(target)))
+            try:
+                produced = converter.convert(target, model=routed, config=getattr(model, "config", None))
+            except Exception as err:
+                raise ValueError(f"{checkpoint_dir}: transformers' conversion {converter!r} of expert {e}'s "
+                                 f"checkpoint tensors ({pieces[0][0]!r}, ...) into {target!r} failed: "
+                                 f"{type(err).__name__}: {err}") from err
+            finally:
+                for key, _ in pieces:
+                    reader_of[key].release([key])
+            if set(produced) != {target}:
+                raise ValueError(f"{checkpoint_dir}: transformers' conversion {converter!r} of expert {e} produced "
+                                 f"{sorted(produced)}, not {target!r}")
+            value = produced[target]
+            value = value[0] if isinstance(value, list) else value
+            check_loaded_tensor(checkpoint_dir, f"{target!r}, expert {e} (converted from {pieces[0][0]!r}, ...)",
+                                value, expected[target][e:e + 1], dtype=None, error=ValueError,
+                                architecture="the architecture described by config.json")
+            deliver(assembly.tensor.expert_key(e), _Piece(tensor=assembly.tensor.expert_slice(value, 0)), pool)
+
         with tensor_worker_pool(workers, "quantize") as pool:
             for reader in files.readers:
                 for key in reader.keys():
                     bar.update(1)
                     if key in route.renamed:
                         deliver(route.renamed[key], _Piece(reader, key), pool)
+                    elif key in route.converted_from and route.converted_from[key] in assemblies:
+                        target = route.converted_from[key]
+                        assembly = assemblies[target]
+                        e = assembly.expert_of[key]
+                        assembly.left[e] -= 1
+                        if not assembly.left[e]:
+                            convert_expert(target, e)
                     elif key in route.converted_from:
                         target = route.converted_from[key]
                         remaining[target] -= 1
@@ -467,8 +692,9 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
         raise ValueError(f"{checkpoint_dir}: these tensors of the architecture are not in the checkpoint: "
                          f"{leftovers[:10]}")
     _tie_equal(model, route.equal_ties, decisions)
+    _as_loaded_in_fused_blocks(model, decisions, expert_blocks - {t.block for t in split.values()})
     model._weight_conversions = route.used  # as from_pretrained keeps them, to save in the checkpoint's layout
-    _warn_float_conversions(model, route, decisions, checkpoint_dir)
+    _warn_float_conversions(model, route, decisions, expert_blocks, checkpoint_dir)
     record_plan(model, adapter, list(decisions.values()))
     model._qw_source_dir = str(checkpoint_dir.resolve())  # a save never writes over its source weights
     model.eval()
@@ -546,21 +772,38 @@ def _tie_equal(model: nn.Module, pairs: list[tuple[str, str]], decisions: dict[s
                 tied.pop(target, None)
 
 
+def _as_loaded_in_fused_blocks(model: nn.Module, decisions: dict[str, LayerDecision], blocks: set[str]) -> None:
+    """The plan measures an expert of a block that kept its fused module by its decision's layer
+    (``quantize_model``'s: a view of the fused tensor as loaded); here that layer was built on meta
+    in the skeleton's dtype, so it gets the dtype the fused tensor was loaded in."""
+    for name, d in list(decisions.items()):
+        block, _, rest = name.rpartition(".")[0].rpartition(".")
+        if d.config is not None or block not in blocks:
+            continue
+        projection = name.rpartition(".")[2]
+        fused = model.get_submodule(block)._parameters.get(projection)
+        if fused is None or fused.dtype == d.linear.weight.dtype:
+            continue
+        layer = nn.Linear(d.linear.in_features, d.linear.out_features, d.linear.bias is not None, device="meta",
+                          dtype=fused.dtype)
+        decisions[name] = LayerDecision(name, layer, d.config, d.reason)
+
+
 def _warn_float_conversions(model: nn.Module, route: _Route, decisions: dict[str, LayerDecision],
-                            where: Path) -> None:
-    """Warn about the tensors transformers' weight conversions built that are not ``nn.Linear``
-    weights (fused MoE experts): no adapter quantizes them yet, so they stay in float."""
+                            expert_blocks: set[str], where: Path) -> None:
+    """Warn about the tensors transformers' weight conversions built that are neither ``nn.Linear``
+    weights nor MoE experts (which are planned per expert, the plan saying why a block stays fused):
+    no adapter quantizes them, so they stay in float."""
     names = sorted({n for outputs in route.outputs.values() for n in outputs
-                    if n.rpartition(".")[0] not in decisions})
+                    if n.rpartition(".")[0] not in decisions and n.rpartition(".")[0] not in expert_blocks})
     if not names:
         return
     state = model.state_dict(keep_vars=True)
     size = tensor_nbytes(state[n] for n in names if n in state)
     dtypes = sorted({str(state[n].dtype).removeprefix("torch.") for n in names if n in state})
-    warnings.warn(f"{where}: {len(names)} tensors that transformers fuses on load (e.g. MoE experts stored per "
-                  f"expert: {names[:3]}) are not nn.Linear layers and stay in {'/'.join(dtypes)} "
-                  f"({size / 2**20:.1f} MiB): quantizing fused expert tensors is not supported yet "
-                  f"(quantize_model leaves them in float too)", stacklevel=3)
+    warnings.warn(f"{where}: {len(names)} tensors that transformers builds on load from several checkpoint "
+                  f"tensors ({names[:3]}) are neither nn.Linear layers nor MoE experts and stay in "
+                  f"{'/'.join(dtypes)} ({size / 2**20:.1f} MiB), as quantize_model leaves them", stacklevel=3)
 
 
 #: A second quantizing worker is used when its temporaries fit in this much memory.
