@@ -1,19 +1,22 @@
 """FSDP for quantized + LoRA models: which backend shards how, and the wrapping that works.
 
 Measured on CPU with gloo, torch 2.13, 2 ranks, a small Llama with LoRA on every projection
-(``tests/test_fsdp.py`` runs FSDP2 for HQQ, bitsandbytes NF4, MLX and quanto and FSDP1 for
-bitsandbytes NF4; the other rows were run by hand the same way; :data:`FSDP_SUPPORT` says which):
+(``tests/test_fsdp.py`` runs FSDP2 for HQQ, bitsandbytes NF4 and INT8, MLX and optimum-quanto int4
+(and a small Mixtral with quanto int4 experts) and FSDP1 for bitsandbytes NF4; the other rows were
+run by hand the same way; :data:`FSDP_SUPPORT` says which):
 
 * ``bnb_nf4``/``bnb_fp4``: FSDP2 shards the packed weights; FSDP1 too, with a float
   ``storage_dtype`` (``quant_storage``, see below).
 * ``hqq``: FSDP2 shards ``W_q``; FSDP1 too, with a float ``storage_dtype`` (``view_as_float``).
 * ``mlx_*``: FSDP2 shards weight, scales and biases with ``storage_dtype`` ``uint8`` or a float dtype
   (not the default ``uint32``); FSDP1 with a float ``storage_dtype``.
-* ``bnb_int8``, ``quanto_*``: the quantized weights stay out of sharding (FSDP2 ``ignored_params``,
-  FSDP1 ``ignored_states``): replicated and quantized on every rank; the rest shards.
+* ``quanto_*``, ``bnb_int8``: FSDP2 shards the packed data (plain integer parameters); FSDP1
+  leaves it out of its units (``ignored_states``: it cannot flatten integer tensors, and these
+  methods have no float storage): replicated and quantized on every rank; the rest shards.
 * ``none``: plain float weights, sharded by both.
 
-The table is :data:`FSDP_SUPPORT`; ``docs/fsdp.md`` renders it (:func:`render_fsdp_markdown`).
+The table is :data:`FSDP_SUPPORT`; ``docs/fsdp.md`` renders it (:func:`render_fsdp_markdown`), and
+``benchmarks/fsdp_bytes.py`` writes its table of the bytes each rank holds, per method.
 Why the rows are what they are:
 
 * FSDP2 all-gathers parameters of different dtypes through a ``uint8`` view and never casts
@@ -34,10 +37,15 @@ Why the rows are what they are:
   is not a parameter: every rank keeps all of it.
 * HQQ: only ``W_q`` is a parameter; the scales and zero points in ``HQQLinear.meta`` stay whole on
   every rank.
-* optimum-quanto (weights are tensor subclasses without FSDP hooks) and bitsandbytes INT8
-  (``Int8Params`` keeps ``CB``/``SCB`` as attributes): FSDP would turn them into plain tensors
-  -- quanto's into *dequantized* full-precision shards, INT8's into weights without scales. They
-  are left out of sharding and stay quantized, replicated on each rank; everything else shards.
+* optimum-quanto: quanto's weights are tensor subclasses without FSDP hooks (``fully_shard``
+  would turn them into *dequantized* full-precision shards), so our ``QuantoLinear`` never holds
+  one: the packed data is a plain integer parameter (``weight_data``: ``uint8`` for int2/int4,
+  ``int8``, qfloat8's bytes as ``uint8``), the scales and shifts are buffers (whole on every
+  rank), and the forward rebuilds quanto's tensor from the gathered data (views, no copy).
+  :func:`check_fsdp_compatibility` refuses any other tensor-subclass parameter.
+* bitsandbytes INT8: the ``Int8Params`` weight (the int8 rows) shards like any int8 parameter; the
+  row scales live in ``module.state.SCB`` (sharding drops the ``Int8Params`` attributes ``CB`` and
+  ``SCB``), whole on every rank, and each forward multiplies with the weight FSDP gathered.
 
 ``fsdp_quantized_bytes`` measures what each rank holds.
 """
@@ -152,23 +160,30 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
     return tuple(sorted({type(m) for m in biggest}, key=lambda c: c.__name__))
 
 
-def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
-    """Quantized weights FSDP must leave alone (methods whose :data:`FSDP_SUPPORT` says
-    ``replicated``): optimum-quanto and bitsandbytes INT8 weights. They stay quantized and whole
-    on every rank."""
+def fsdp_ignored_params(model: nn.Module, version: int = 2) -> set[nn.Parameter]:
+    """Quantized weights FSDP ``version`` must leave alone: those of methods whose
+    :data:`FSDP_SUPPORT` row says ``replicated`` for it (FSDP1: optimum-quanto and bitsandbytes
+    INT8, whose integer data it cannot flatten). They stay quantized and whole on every rank.
+
+    Of such a layer, its ``weight`` parameter and every integer parameter are left out (float
+    ones, such as the bias, shard)."""
     ignored = set()
     for _, method, module in _layer_methods(model).values():
-        if FSDP_SUPPORT[method].fsdp2 == "replicated":
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, nn.Parameter):
-                ignored.add(weight)
+        row = FSDP_SUPPORT[method]
+        if (row.fsdp2 if version == 2 else row.fsdp1) != "replicated":
+            continue
+        weight = module._parameters.get("weight")
+        if isinstance(weight, nn.Parameter):
+            ignored.add(weight)
+        ignored.update(p for p in module.parameters(recurse=False) if not p.dtype.is_floating_point)
     return ignored
 
 
 def prepare_layers_for_fsdp(model: nn.Module) -> int:
     """Let each quantized layer's adapter prepare it for sharding (``prepare_for_fsdp``: bitsandbytes
     4-bit layers keep their ``module.quant_state`` for the forward to rebuild the weight from once
-    FSDP has replaced ``Params4bit`` by a plain tensor). Returns how many layers needed it."""
+    FSDP has replaced ``Params4bit`` by a plain tensor, INT8 layers their row scales in
+    ``module.state.SCB``). Returns how many layers needed it."""
     fixed = 0
     for _, _, module in _layer_methods(model).values():
         cls = adapter_class_for_module(module)
@@ -195,10 +210,15 @@ def check_fsdp_compatibility(model: nn.Module, *, version: int = 2,
         raise ValueError(f"version={version!r} is not an FSDP version; allowed: 1, 2")
     problems = []
     layers = _layer_methods(model)
-    ignored = {id(p) for p in fsdp_ignored_params(model)}
+    ignored = {id(p) for p in fsdp_ignored_params(model, version)}
     sharded = [(name, method, pname, p) for name, method, module in layers.values()
                for pname, p in module.named_parameters(recurse=False) if id(p) not in ignored]
     for name, method, pname, p in sharded:
+        if _is_wrapper_subclass(p):
+            problems.append(f"{name}.{pname} is a {type(p).__name__} (a tensor subclass without FSDP hooks): FSDP "
+                            f"would shard it as a plain tensor, e.g. into dequantized full-precision shards. "
+                            f"Quantize (or load) the model with this package, whose layers hold plain tensors")
+            continue
         if p.dtype.is_floating_point and param_dtype is not None and p.dtype != param_dtype \
                 and pname not in ("bias",) and method is not M.NONE:
             problems.append(f"{name}.{pname} stores packed {method.value} data as {dtype_to_str(p.dtype)}, but "
@@ -226,6 +246,12 @@ def check_fsdp_compatibility(model: nn.Module, *, version: int = 2,
     return problems
 
 
+def _is_wrapper_subclass(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return getattr(type(p), "__tensor_flatten__", None) is not None and not isinstance(p, DTensor)
+
+
 # ---------------------------------------------------------------------- wrapping
 def fsdp_auto_wrap_policy(model: nn.Module, layer_classes: Iterable[type] | None = None):
     """FSDP1 auto-wrap policy: one FSDP unit per decoder layer (:func:`decoder_layer_classes`)."""
@@ -240,10 +266,11 @@ def apply_fsdp(model: nn.Module, *, mesh: Any = None, reshard_after_forward: boo
 
     FSDP2 (default): ``fully_shard`` on each decoder layer, then on the whole model, in place.
     FSDP1: ``FullyShardedDataParallel`` with :func:`fsdp_auto_wrap_policy` and
-    ``use_orig_params=True``. Either way the weights of methods that cannot shard (quanto,
-    bitsandbytes INT8; see :data:`FSDP_SUPPORT`) are left out (replicated, still quantized),
-    bitsandbytes 4-bit layers get their ``module.quant_state`` (:func:`prepare_layers_for_fsdp`),
-    and :func:`check_fsdp_compatibility` runs first.
+    ``use_orig_params=True``. Either way the weights of methods that cannot shard under that
+    version (FSDP1: quanto, bitsandbytes INT8; see :data:`FSDP_SUPPORT`) are left out (replicated,
+    still quantized), each layer's adapter prepares it (:func:`prepare_layers_for_fsdp`:
+    bitsandbytes 4-bit ``module.quant_state``, INT8 ``module.state.SCB``), and
+    :func:`check_fsdp_compatibility` runs first.
 
     Args:
         model: the model (a ``PeftModel`` or the quantized model); on its final device.
@@ -277,7 +304,7 @@ def apply_fsdp(model: nn.Module, *, mesh: Any = None, reshard_after_forward: boo
     if problems:
         raise ValueError("this model cannot be sharded as configured:\n  - " + "\n  - ".join(problems))
     prepare_layers_for_fsdp(model)
-    ignored = fsdp_ignored_params(model)
+    ignored = fsdp_ignored_params(model, version)
     classes = tuple(layer_classes or decoder_layer_classes(model))
 
     if version == 1:

@@ -1,7 +1,7 @@
 """One rank of the FSDP test (tests/test_fsdp.py launches two with torchrun, gloo on CPU).
 
-For each case ``method:fsdp_version[:storage_dtype]`` it quantizes a small Llama (identical on
-every rank), saves the quantized base (rank 0), adds LoRA, shards it with ``apply_fsdp``, trains a
+For each case ``[mixtral/]method:fsdp_version[:storage_dtype]`` it quantizes a small Llama (or a
+small Mixtral, whose experts become per-expert quantized layers; identical on every rank), saves the quantized base (rank 0), adds LoRA, shards it with ``apply_fsdp``, trains a
 few steps on this rank's half of the batch, and writes what the test asserts on to
 ``<out>/<case>/rank<r>.json``: losses, bytes held per rank, a hash of the gathered LoRA weights,
 whether the quantized tensors are bit-identical after training; plus the gathered LoRA weights and
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qlora_common import BATCH, SEQ, TARGETS, build_model, case_config, rank_batches
+from qlora_common import BATCH, SEQ, case_config, case_model, rank_batches, split_case
 
 warnings.filterwarnings("ignore")
 
@@ -39,6 +39,9 @@ def _quantized_tensors(model) -> dict[str, torch.Tensor]:
         state = getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
             out[f"{name}.absmax"] = state.absmax.detach().clone()
+        scb = getattr(getattr(module, "state", None), "SCB", None)  # bitsandbytes INT8 row scales
+        if isinstance(scb, torch.Tensor):
+            out[f"{name}.SCB"] = scb.detach().clone()
         meta = getattr(module, "meta", None)
         if isinstance(meta, dict):
             for key in ("scale", "zero"):
@@ -60,15 +63,16 @@ def run_case(case: str, out: Path, steps: int) -> None:
     from quantization_wrapper.fsdp import apply_fsdp, fsdp_quantized_bytes, full_lora_state_dict, save_lora_adapter
 
     rank = dist.get_rank()
-    config, version = case_config(case)
-    folder = out / case.replace(":", "_")
+    config, version = case_config(split_case(case)[1])
+    build, targets = case_model(case)
+    folder = out / case.replace(":", "_").replace("/", "_")
     folder.mkdir(parents=True, exist_ok=True)
     adapter = create_quantization_adapter("cpu", config)
-    model = adapter.quantize_model(build_model())
+    model = adapter.quantize_model(build())
     if rank == 0:
         save_quantized_model(model, folder / "base")
     model = adapter.prepare_model_for_training(model)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     before = _quantized_tensors(peft_model)
     unsharded = sum(t.numel() * t.element_size() for t in before.values())
 
@@ -118,7 +122,8 @@ def run_case(case: str, out: Path, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", required=True, help="comma-separated method:fsdp_version[:storage_dtype]")
+    parser.add_argument("--cases", required=True,
+                        help="comma-separated [mixtral/]method:fsdp_version[:storage_dtype]")
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -149,8 +149,10 @@ BNB_METHOD_SPECS = {
         "bitsandbytes", (8,), 8, None, None, "bitsandbytes LLM.int8() row-wise absmax",
         support=_SUPPORT,
         fallback=((M.QUANTO_INT8, 8), (M.HQQ, 8), (M.MLX_INT8, 8), (M.NONE, None)),
-        fsdp=FSDPSupport("replicated", "replicated", "ignored (always int8)",
-                         "Int8Params keeps CB/SCB as attributes, which sharding drops", "by hand: FSDP2, FSDP1"),
+        fsdp=FSDPSupport("sharded", "replicated", "ignored (always int8)",
+                         "int8 rows (the Int8Params weight) sharded; row scales (SCB) kept in module.state, whole "
+                         "on each rank; each forward multiplies with the weight FSDP gathered. FSDP1 cannot flatten "
+                         "int8: left out of its units", "tests/test_fsdp.py: FSDP2, plain fully_shard; by hand: FSDP1"),
         bits_per_weight=lambda config, in_features: 8 + 32 / in_features,  # fp32 row scale (SCB)
         layer_nbytes=_nbytes_int8,
         candidates=(RecommendationCandidate(("cuda",), 20, {}, inference_only=True),),
@@ -295,23 +297,57 @@ def _layer_classes() -> tuple[type, type]:
                 return out if self.bias is None else out + self.bias.to(dtype)
 
     class Linear8bitLt(bnb.nn.Linear8bitLt):
+        """bitsandbytes' ``Linear8bitLt`` whose int8 rows live only in its ``weight`` parameter.
+
+        bitsandbytes' forward moves ``CB``/``SCB`` from the ``Int8Params`` into ``module.state``
+        (``init_8bit_state``) and multiplies with ``state.CB``, an alias of the whole weight
+        that FSDP cannot see. This forward gives each call its own ``MatmulLtState`` whose ``CB``
+        is the weight tensor the layer holds now (the ``Int8Params``, or under FSDP2 the plain
+        tensor ``fully_shard`` all-gathered) and whose ``SCB`` is the row scales, which the
+        layer keeps in ``module.state.SCB`` (whole: 4 bytes per row) so that they survive
+        sharding, which drops the ``Int8Params`` attributes; as in bitsandbytes, the first
+        forward moves them there from the weight. Same kernels, same numbers.
+        """
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             with _cast_message_once():
                 return self._forward(x)
 
+        def call_state(self):
+            """This call's ``MatmulLtState``: the module's settings, ``CB`` the weight held now."""
+            weight = self.weight
+            module_state = self.state
+            scb = getattr(weight, "SCB", None)
+            if scb is not None:
+                # bitsandbytes' init_8bit_state, but CB stays the weight's own data: the weight's
+                # scales move to the module (a new weight brings new ones)
+                module_state.SCB = scb
+                weight.CB = weight.SCB = None
+            else:
+                scb = module_state.SCB
+            if scb is None:
+                raise RuntimeError("this Linear8bitLt has no row scales (SCB): it was never quantized")
+            module_state.CB = None  # never an alias of the whole weight beside the parameter
+            state = copy.copy(module_state)
+            state.CB = weight.data
+            state.SCB = scb if scb.device == state.CB.device else scb.to(state.CB.device)
+            state.is_training = module_state.is_training = self.training
+            return state
+
         def _forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.state.has_fp16_weights:
+                return super().forward(x)
+            state = self.call_state()
             dtype = autocast_dtype(x)
             if dtype is None:
-                return super().forward(x)
+                # bitsandbytes' forward (which casts the bias to the input's dtype in place)
+                if self.bias is not None and self.bias.dtype != x.dtype:
+                    self.bias.data = self.bias.data.to(x.dtype)
+                return bnb.matmul(x, self.weight, bias=self.bias, state=state)
             # bitsandbytes' forward, except that it casts the bias to the input's dtype in place:
             # under autocast the inputs come in several dtypes, and the bias would be rounded for good.
-            self.state.is_training = self.training
-            if self.weight.CB is not None:
-                self.init_8bit_state()
             with torch.autocast(device_type=x.device.type, enabled=False):
-                out = bnb.matmul(x.to(dtype), self.weight, state=self.state)
-                if not self.state.has_fp16_weights and self.state.CB is not None:
-                    self.weight.data = self.state.CB
+                out = bnb.matmul(x.to(dtype), self.weight, state=state)
                 return out if self.bias is None else out + self.bias.to(dtype)
 
     for cls in (Linear4bit, Linear8bitLt):
@@ -424,9 +460,22 @@ class BitsAndBytesAdapter(QuantizationAdapter):
     @classmethod
     def prepare_for_fsdp(cls, module: nn.Module) -> bool:
         """Give a ``Linear4bit`` the ``module.quant_state`` its forward rebuilds the weight from once
-        FSDP has replaced the ``Params4bit`` by a plain tensor."""
+        FSDP has replaced the ``Params4bit`` by a plain tensor; give a ``Linear8bitLt`` its row
+        scales in ``module.state.SCB`` (sharding drops the ``Int8Params`` attributes) and drop a
+        ``module.state.CB`` left by bitsandbytes' own forward (an alias of the whole int8 weight
+        that would stay on every rank)."""
+        if isinstance(module, _bnb().nn.Linear8bitLt):
+            scb = getattr(module.weight, "SCB", None)
+            fixed = (scb is not None and module.state.SCB is not scb) or module.state.CB is not None
+            if scb is not None:
+                module.state.SCB = scb
+            module.state.CB = None
+            if module.state.SCB is None:
+                raise ValueError("bitsandbytes Linear8bitLt has no row scales (SCB): it was never quantized, "
+                                 "and FSDP cannot shard it")
+            return fixed
         if not hasattr(module.weight, "quant_state") and not hasattr(module, "quant_state"):
-            return False  # Linear8bitLt: kept whole (FSDPSupport "replicated")
+            return False
         state = getattr(module.weight, "quant_state", None)
         fixed = getattr(module, "quant_state", None) is None and state is not None
         if fixed:
@@ -566,6 +615,7 @@ class BitsAndBytesAdapter(QuantizationAdapter):
         # quantizes weights that start on the CPU.
         CB, SCB = _int8_rowwise_quant(bnb, linear.weight.detach(), device)
         new.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+        new.state.SCB = SCB  # kept by the module: sharding drops the Int8Params attributes
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach().to(device=device),
                                     requires_grad=linear.bias.requires_grad)
@@ -608,6 +658,7 @@ class BitsAndBytesAdapter(QuantizationAdapter):
             CB = torch.empty((out_features, in_features), dtype=torch.int8, device=device)
             SCB = torch.empty((out_features,), dtype=torch.float32, device=device)
             new.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+            new.state.SCB = SCB
             if bias:
                 new.bias = nn.Parameter(torch.empty(out_features, dtype=source_dtype, device=device))
             return new
@@ -834,9 +885,9 @@ class BitsAndBytesAdapter(QuantizationAdapter):
         if tuple(SCB.shape) != (module.out_features,):
             raise ValueError(f"'SCB' has shape {tuple(SCB.shape)}, expected ({module.out_features},)")
         CB = weight.to(target)
-        module.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB,
-                                          SCB=SCB.to(device=target, dtype=torch.float32))
-        module.state.CB = module.state.SCB = None
+        SCB = SCB.to(device=target, dtype=torch.float32)
+        module.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+        module.state.CB, module.state.SCB = None, SCB
 
     # ------------------------------------------------------------------ model level
     def mark_model(self, model: nn.Module) -> None:

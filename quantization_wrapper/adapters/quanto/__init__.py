@@ -22,13 +22,24 @@ really stored quantized (quanto tensor subclasses holding packed ``uint8`` / ``i
   weights to that format lossily; the saved shifts are chosen so that reloading rebuilds the
   identical weights.
 
-``storage_dtype`` cannot be honoured: quanto's data lives inside tensor subclasses in its own
-dtypes. Under FSDP2 ``fully_shard`` *dequantizes* such weights into full-precision shards; pass the
-``QLinear`` parameters as ``ignored_params`` to keep them quantized (replicated on every rank).
+* **Shardable storage.** quanto's weights are tensor subclasses that FSDP2's ``fully_shard`` would
+  turn into *dequantized* full-precision shards. :class:`QuantoLinear` holds the tensors inside
+  them instead (:mod:`.storage`): the packed data as an integer ``nn.Parameter`` ``weight_data``
+  (``uint8``/``int8``; qfloat8's bytes as ``uint8``), the scales and shifts as buffers; it
+  rebuilds quanto's tensor from them on every use (views: no copy, no requantization), so
+  ``fully_shard`` (direct or through ``apply_fsdp``) splits the packed data across ranks and the
+  forward multiplies with what it gathered. ``layer.weight`` and ``state_dict()`` are quanto's.
+* **Training speed on CPU.** A gradient through a CPU bfloat16 int4 layer (torch's int4 kernel
+  layout) multiplies by quanto's dequantized weight, read straight from the kernel layout
+  (``qtensors.dequantized``: the same bits as quanto's ``dequantize()``, which goes through a
+  K x K identity matmul), in the forward and the backward; inference keeps quanto's kernel.
+
+``storage_dtype`` cannot be honoured: quanto's data has its own dtypes (FSDP2 shards it as it is).
 ``backend_options`` takes no key (activation quantization would need quanto's calibration).
 
 Modules, each importing only those listed before it: ``layout`` (torch's CPU int4 nibble layouts,
-plain torch), ``qtensors`` (quanto's qtypes and weight tensors, quanto imported on use), ``layer``
+plain torch), ``qtensors`` (quanto's qtypes and weight tensors, quanto imported on use),
+``storage`` (a quanto weight as plain tensors and back; imports quanto), ``layer``
 (:class:`QuantoLinear` and its frozen templates; imports quanto, so it is imported on first use),
 ``adapter`` (:class:`QuantoAdapter`, registered when this package is imported), ``checkpoint``
 (what optimum-quanto reads beside our checkpoints' weights).

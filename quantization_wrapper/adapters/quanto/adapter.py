@@ -15,7 +15,7 @@ from torch import nn
 
 from ...config import QuantizationConfig, QuantizationMethod, dtype_to_str
 from ..base import LayerStateSpec, QuantizationAdapter, common_dtype, leaf_tensors, register_adapter, tensor_nbytes
-from .qtensors import (QTYPE_NAMES, exact_tinygemm_shifts, map_leaves, method_qtype, quanto_module, standard_weight,
+from .qtensors import (QTYPE_NAMES, dequantized, exact_tinygemm_shifts, method_qtype, quanto_module, standard_weight,
                        tinygemm_weight)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -155,12 +155,12 @@ class QuantoAdapter(QuantizationAdapter):
                 issues.append(ValidationIssue(
                     Severity.WARNING, prefix + "storage_dtype",
                     f"storage_dtype={dtype_to_str(storage)} cannot be honoured: optimum-quanto stores "
-                    f"{QTYPE_NAMES[layer.method]} data as {dtype_to_str(native)} inside its own tensor type "
-                    f"(scales in the compute dtype), and FSDP2 fully_shard would dequantize such weights "
-                    f"into full-precision shards.",
-                    "leave storage_dtype unset; with FSDP2 pass the QLinear parameters to fully_shard as "
-                    "ignored_params (they stay quantized, replicated on each rank), or use method='hqq' "
-                    "with storage_dtype for shardable quantized weights."))
+                    f"{QTYPE_NAMES[layer.method]} data as {dtype_to_str(native)} (scales in the compute dtype); "
+                    f"FSDP2 shards that data as it is, and FSDP1 (which cannot flatten integers) keeps it whole "
+                    f"on each rank.",
+                    "leave storage_dtype unset: FSDP2 shards quanto's integer data as it is, and apply_fsdp(version=1) "
+                    "passes it to FSDP1 as ignored_params/ignored_states (whole on each rank); for FSDP1 sharding use "
+                    "method='hqq' or 'bnb_nf4' with a float storage_dtype."))
         return issues
 
     def fit_group_size(self, in_features: int, out_features: int,
@@ -248,7 +248,7 @@ class QuantoAdapter(QuantizationAdapter):
         with TEMPLATE_LOCK:  # copying QTensors runs quanto's ast.literal_eval: one thread at a time (see layer.py)
             qlinear = copy.deepcopy(template)
         if device.type != "meta":
-            qlinear.weight = nn.Parameter(map_leaves(qlinear.weight, lambda t: torch.empty_like(t, device=device)))
+            qlinear.map_stored(lambda t: torch.empty_like(t, device=device))
             if bias:
                 qlinear.bias = nn.Parameter(torch.empty_like(qlinear.bias, device=device))
             qlinear.input_scale = torch.ones_like(qlinear.input_scale, device=device)
@@ -367,7 +367,7 @@ class QuantoAdapter(QuantizationAdapter):
             raise ValueError(f"QuantoAdapter.dequantize_module expects an optimum-quanto QLinear, got "
                              f"{type(module).__name__}")
         with torch.no_grad():
-            weight = module.qweight.dequantize() if module.frozen else module.weight.detach()
+            weight = dequantized(module.qweight) if module.frozen else module.weight.detach()
         linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
         linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         if module.bias is not None:

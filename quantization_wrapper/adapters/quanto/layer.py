@@ -1,7 +1,9 @@
-"""The quantized layer: :class:`QuantoLinear`, optimum-quanto's ``QLinear`` with the CPU kernel
-choices of quanto 0.2.7 that fail on torch 2.13 routed around, and the per-shape frozen templates
-(and their state layouts) that empty layers are copied from, under the one lock every QTensor
-rebuild takes.
+"""The quantized layer: :class:`QuantoLinear`, optimum-quanto's ``QLinear`` holding its frozen
+weight as plain tensors (:mod:`.storage`: packed data as integer parameters FSDP2 shards, scales
+as buffers) and rebuilding quanto's tensor from them on use, with the CPU kernel choices of quanto
+0.2.7 that fail or crawl on torch 2.13 routed around, and the per-shape frozen templates (and
+their state layouts) that empty layers are copied from, under the one lock every QTensor rebuild
+through quanto's metadata takes.
 
 This module imports optimum-quanto: the adapter imports it when it first builds a layer.
 """
@@ -13,6 +15,7 @@ import functools
 import threading
 
 import torch
+import torch.nn.functional as F
 from optimum.quanto import QLinear, QTensor, qint4
 from optimum.quanto.tensor import WeightQBitsTensor, quantize_weight
 from optimum.quanto.tensor.optimizers import MaxOptimizer, SymmetricOptimizer
@@ -21,7 +24,8 @@ from torch import nn
 
 from ...config import QuantizationMethod
 from ..base import autocast_dtype
-from .qtensors import map_leaves, method_qtype, tinygemm_quantized, tinygemm_weight
+from .qtensors import dequantized, map_leaves, method_qtype, tinygemm_quantized, tinygemm_weight
+from .storage import WeightLayout, flatten_weight
 
 __all__ = ["QuantoLinear", "TEMPLATE_LOCK", "frozen_meta_template", "frozen_state_layout", "frozen_state_shapes"]
 
@@ -53,21 +57,179 @@ class _DequantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return torch.matmul(x, weight.dequantize().to(x.dtype).t())
+        return torch.matmul(x, dequantized(weight).to(x.dtype).t())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
         (weight,) = ctx.saved_tensors
-        return torch.matmul(grad, weight.dequantize().to(grad.dtype)), None
+        return torch.matmul(grad, dequantized(weight).to(grad.dtype)), None
+
+
+class _KernelLayoutLinear(torch.autograd.Function):
+    """quanto's linear function (``QuantizedLinearFunction``: ``x @ W.T + bias``, the bias
+    gradient summed over every dimension but the last) for a CPU int4 kernel-layout weight, with
+    ``W`` dequantized by :func:`~.qtensors.dequantized` (quanto's ``W.dequantize()``, bit for bit)
+    in the forward and again in the backward.
+
+    quanto's own forward multiplies with torch's int4 kernel, 2-3x slower than a bfloat16 matmul
+    for a training batch on CPU, and its backward dequantizes ``W`` through a K x K identity
+    matmul (0.1-0.4 s per million weights): a QLoRA step spent most of its time there. Only the
+    quantized tensor is kept for the backward (no dense copy, and not the input, which quanto
+    keeps for a weight gradient a frozen weight never needs)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight  # not save_for_backward: FSDP refills the data it views before the backward
+        output = torch.matmul(x, dequantized(weight).t())
+        return output if bias is None else output + bias
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(grad, dequantized(ctx.weight))
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(tuple(range(grad.ndim - 1)))
+        return grad_x, None, grad_bias
+
+
+def _kernel_layout_training(weight: torch.Tensor, input: torch.Tensor) -> bool:
+    """A gradient will flow through a CPU int4 kernel-layout weight: :class:`_KernelLayoutLinear`."""
+    return (input.requires_grad and torch.is_grad_enabled() and input.device.type == "cpu"
+            and type(weight).__name__ == "TinyGemmWeightQBitsTensor" and input.dtype == weight.dtype)
 
 
 class QuantoLinear(QLinear):
-    """optimum-quanto's ``QLinear`` with the two CPU kernel choices of quanto 0.2.7 that fail on
-    torch 2.13 routed around (see the package docstring), and under ``torch.autocast`` computing
-    in, and returning, the autocast dtype as ``nn.Linear`` does; identical to ``QLinear``
-    elsewhere."""
+    """optimum-quanto's ``QLinear`` whose frozen weight is stored as plain tensors that FSDP can
+    shard (:mod:`.storage`), with the CPU kernel choices of quanto 0.2.7 that fail on torch 2.13
+    routed around (see the package docstring), CPU int4 kernel-layout weights trained through
+    :class:`_KernelLayoutLinear`, and under ``torch.autocast`` computing in, and returning, the
+    autocast dtype as ``nn.Linear`` does; otherwise it computes what ``QLinear`` does.
+
+    ``layer.weight`` is quanto's weight tensor (a ``QTensor`` once frozen), rebuilt on each access
+    from the module's parameters ``weight_data`` (the quantized data) and buffers ``weight_scale``,
+    ``weight_shift`` / ``weight_scale_shift``; assigning a ``QTensor`` (or a parameter holding
+    one: quanto's ``freeze``) stores its tensors the same way. ``state_dict()`` is quanto's
+    (``weight._data``, ``weight._scale``, ...), except while FSDP shards the layer, when it holds
+    the sharded tensors under their own names.
+    """
+
+    # ------------------------------------------------------------------ storage
+    @property
+    def weight(self) -> torch.Tensor:
+        layout = self.__dict__.get("_qw_layout")
+        if layout is not None:
+            return layout.build(self._leaf, TEMPLATE_LOCK)
+        weight = self.__dict__.get("_parameters", {}).get("weight")
+        if weight is None and "weight" not in self.__dict__.get("_parameters", {}):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'weight'")
+        return weight
+
+    def _leaf(self, name: str) -> torch.Tensor:
+        param = self._parameters.get(name)
+        return self._buffers[name] if param is None else param.detach()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":
+            if isinstance(value, QTensor):
+                self._store_weight(value)
+                return
+            if "_qw_layout" in self.__dict__:  # unfreezing: nn.Module's rules for a "weight" parameter
+                self._drop_weight()
+                self._parameters["weight"] = None
+        super().__setattr__(name, value)
+
+    def map_stored(self, fn) -> None:
+        """Replace each stored tensor of the frozen weight by ``fn(tensor)`` (same role, e.g. new
+        storage on another device; the caller keeps the layout valid)."""
+        for name in self.__dict__["_qw_layout"].names:
+            param = self._parameters.get(name)
+            if param is None:
+                self._buffers[name] = fn(self._buffers[name])
+            else:
+                self._parameters[name] = nn.Parameter(fn(param.detach()), requires_grad=False)
+
+    def _store_weight(self, weight: torch.Tensor) -> None:
+        """Hold quanto's ``weight`` as the module's plain tensors (views of its own, no copy)."""
+        layout, tensors = flatten_weight(weight)
+        self._drop_weight()
+        params = self._parameters
+        ordered = {}
+        for name, (tensor, packed) in tensors.items():
+            if packed:
+                ordered[name] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                self._buffers[name] = tensor
+        # the packed data first, where ``weight`` was (FSDP and optimizers see parameters in order)
+        rest = dict(params)
+        params.clear()
+        params.update(ordered)
+        params.update(rest)
+        self.__dict__["_qw_layout"] = layout
+
+    def _drop_weight(self) -> None:
+        layout: WeightLayout | None = self.__dict__.pop("_qw_layout", None)
+        if layout is not None:
+            for name in layout.names:
+                self._parameters.pop(name, None)
+                self._buffers.pop(name, None)
+        params = self.__dict__.get("_parameters")
+        if params is not None:
+            params.pop("weight", None)
+
+    def _sharded(self) -> bool:
+        """The stored tensors are FSDP2 shards (``DTensor``) right now."""
+        layout = self.__dict__.get("_qw_layout")
+        if layout is None:
+            return False
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(self._parameters.get(name), DTensor) for name in layout.names)
+
+    @property
+    def frozen(self) -> bool:
+        return "_qw_layout" in self.__dict__ or isinstance(self._parameters.get("weight"), QTensor)
+
+    @property
+    def qweight(self):
+        layout = self.__dict__.get("_qw_layout")
+        if layout is not None:
+            return layout.build(self._leaf, TEMPLATE_LOCK)
+        return super().qweight
+
+    def _apply(self, fn, recurse: bool = True):
+        # As when quanto's tensor was the parameter: ``fn`` (``to``, ``cuda``, ``half``, ...) is
+        # applied to quanto's tensor, which moves between devices in its own way (its kernel
+        # layouts are per device type) and refuses dtype changes. While FSDP shards the layer,
+        # the stored tensors are FSDP's and are treated as plain tensors.
+        layout = self.__dict__.get("_qw_layout")
+        if layout is None or self._sharded():
+            return super()._apply(fn, recurse)
+        weight = self.weight
+        applied = fn(weight)  # raises before anything changed, as quanto's own tensor did
+        stored = {name: (self._parameters.pop(name, None), self._buffers.pop(name, None)) for name in layout.names}
+        try:
+            result = super()._apply(fn, recurse)  # everything else (bias, activation scales)
+        finally:
+            for name, (param, buffer) in stored.items():
+                if param is not None:
+                    self._parameters[name] = param
+                else:
+                    self._buffers[name] = buffer
+        if applied is weight:  # e.g. ``to`` the device it is on: the same tensors
+            return result
+        if isinstance(applied, QTensor):
+            self._store_weight(applied)
+        else:  # e.g. to_empty: a plain tensor, as quanto's fallback gives
+            self.weight = nn.Parameter(applied, requires_grad=False)
+        return result
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._sharded():  # FSDP's shards under their own names (distributed checkpoints)
+            return nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        return super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _tinygemm_fails(self, dtype: torch.dtype, device: torch.device) -> bool:
         return _tinygemm_fails(self.weight_qtype, self.out_features, self.weight_group_size, dtype, device)
@@ -107,11 +269,17 @@ class QuantoLinear(QLinear):
         dtype = autocast_dtype(input)
         if dtype is not None:
             return self._forward_autocast(input, dtype)
-        if self.frozen and _int8pack_fails(self.weight, input):
+        layout = self.__dict__.get("_qw_layout")
+        if layout is None:  # not frozen: quanto's dynamic quantization
+            return super().forward(input)
+        weight = layout.build(self._leaf, TEMPLATE_LOCK)
+        if _int8pack_fails(weight, input):
             # quanto's generic CPU path (library/qbytes_mm.py: qbytes_mm), then the bias
-            output = torch.matmul(input.to(self.weight.dtype), self.weight.dequantize().t())
+            output = torch.matmul(input.to(weight.dtype), weight.dequantize().t())
             return output + self.bias if self.bias is not None else output
-        return super().forward(input)
+        if _kernel_layout_training(weight, input):
+            return _KernelLayoutLinear.apply(input, weight, self.bias)
+        return F.linear(input, weight, bias=self.bias)  # QLinear.forward: quanto's kernels
 
     def _forward_autocast(self, input: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # As nn.Linear under autocast: computed in, and returned as, the autocast dtype. quanto's
@@ -120,13 +288,19 @@ class QuantoLinear(QLinear):
         # off, a layer in ``dtype`` runs quanto's own path and any other multiplies by its
         # weight dequantized and cast to ``dtype``.
         with torch.autocast(device_type=input.device.type, enabled=False):
-            if self.weight.dtype == dtype:
+            weight = self.qweight
+            if weight.dtype == dtype:
                 return self.forward(input.to(dtype))
-            out = _DequantizedLinear.apply(input.to(dtype), self.qweight)
+            out = _DequantizedLinear.apply(input.to(dtype), weight)
             return out if self.bias is None else out + self.bias.to(dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        layout = self.__dict__.get("_qw_layout")
+        if layout is not None and any(prefix + name in state_dict for name in layout.names):
+            # the stored tensors under their own names (what a sharded layer's state_dict holds)
+            return nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                                   unexpected_keys, error_msgs)
         scale = state_dict.get(prefix + "weight._scale")
         data = state_dict.get(prefix + "weight._data._data")
         shift = state_dict.get(prefix + "weight._shift")

@@ -18,7 +18,11 @@ _TORCH = Support(True, "optimum-quanto runs wherever PyTorch does.", True)
 _MLX = Support(False, "On the MLX backend the matmul runs in MLX, and optimum-quanto has no MLX "
                       "kernels; use MLX_INT4/MLX_INT8, or the MPS backend for quanto.", False)
 _SUPPORT = {"cuda": _TORCH, "mps": _TORCH, "mlx": _MLX, "cpu": _TORCH}
-_REPLICATED = "ignored (quanto's own dtypes)"
+#: quanto's packed data is a plain integer parameter of QuantoLinear (see adapters/quanto/storage.py).
+_QUANTO_STORAGE = ("ignored: the packed data is an integer parameter (uint8 for int2/int4, int8, qfloat8's bytes as "
+                   "uint8), never cast")
+_SAME_LAYER = ("same layer type as quanto_int4; tests/test_fsdp.py: plain fully_shard (1 rank); "
+               "benchmarks/fsdp_bytes.py: FSDP2 (2 ranks)")
 
 
 def _grouped_bits(config: QuantizationConfig, in_features: int) -> float:
@@ -56,9 +60,11 @@ _INT2 = MethodSpec(
     "optimum-quanto", (2,), 2, None, 128, "optimum-quanto qint2 weights",
     support=_SUPPORT,
     fallback=((M.HQQ, 2), (M.MLX_INT4, 2), (M.NONE, None)),
-    fsdp=FSDPSupport("replicated", "replicated", _REPLICATED,
-                     "quanto tensor subclasses have no FSDP hooks: sharding dequantizes them",
-                     "same layer type as quanto_int4"),
+    fsdp=FSDPSupport("sharded", "replicated", _QUANTO_STORAGE,
+                     "QuantoLinear keeps quanto's packed data as a plain integer parameter (weight_data, sharded "
+                     "along dim 0) and its scales/shifts as buffers (whole on each rank); the forward rebuilds "
+                     "quanto's tensor from the gathered data. FSDP1 cannot flatten integers: left out of its units",
+                     _SAME_LAYER),
     bits_per_weight=_grouped_bits,
     layer_nbytes=_grouped_nbytes,
     option_warnings=_fixed_group,
@@ -69,8 +75,9 @@ QUANTO_METHOD_SPECS = {
     M.QUANTO_INT4: replace_spec(
         _INT2, bits=(4,), default_bits=4, description="optimum-quanto qint4 weights",
         fallback=((M.HQQ, 4), (M.MLX_INT4, 4), (M.BNB_NF4, 4), (M.NONE, None)),
-        fsdp=FSDPSupport("replicated", "replicated", _REPLICATED, "as quanto_int2",
-                         "tests/test_fsdp.py: FSDP2; by hand: FSDP1"),
+        fsdp=FSDPSupport("sharded", "replicated", _QUANTO_STORAGE, "as quanto_int2",
+                         "tests/test_fsdp.py: FSDP2 (Llama float32 and bfloat16, Mixtral with quanto experts), "
+                         "FSDP1, plain fully_shard"),
         mixed_precision=tuple(dict(method=m) for m in ("quanto_int2", "quanto_int4", "quanto_int8")),
         precision_tiers={"high": {"method": "quanto_int8"}, "low": {"method": "quanto_int4"},
                          "default": {"method": "quanto_int8"}}),
@@ -78,14 +85,14 @@ QUANTO_METHOD_SPECS = {
         _INT2, bits=(8,), default_bits=8, default_group_size=None,
         description="optimum-quanto qint8 weights, per output channel",
         fallback=((M.HQQ, 8), (M.BNB_INT8, 8), (M.MLX_INT8, 8), (M.NONE, None)),
-        fsdp=FSDPSupport("replicated", "replicated", _REPLICATED, "as quanto_int2", "same layer type as quanto_int4"),
+        fsdp=FSDPSupport("sharded", "replicated", _QUANTO_STORAGE, "as quanto_int2", _SAME_LAYER),
         bits_per_weight=_row_bits, layer_nbytes=_row_nbytes, option_warnings=None),
     M.QUANTO_FP8: replace_spec(
         _INT2, bits=(8,), default_bits=8, default_group_size=None,
         description="optimum-quanto qfloat8 (e4m3) weights",
         support={k: Support(v.supported, v.reason, None) for k, v in _SUPPORT.items()},
         fallback=((M.QUANTO_INT8, 8), (M.HQQ, 8), (M.MLX_INT8, 8), (M.NONE, None)),
-        fsdp=FSDPSupport("replicated", "replicated", _REPLICATED, "as quanto_int2", "same layer type as quanto_int4"),
+        fsdp=FSDPSupport("sharded", "replicated", _QUANTO_STORAGE, "as quanto_int2", _SAME_LAYER),
         bits_per_weight=_row_bits, layer_nbytes=_row_nbytes, option_warnings=None),
 }
 for _method, _spec in QUANTO_METHOD_SPECS.items():
