@@ -20,7 +20,7 @@ on the LoRA parameters; one batch of random token ids, labels = inputs (default 
 Each (method, side) runs in its own fresh process (`common.run_child`) with torch threads = all
 cores: 2 warm-up steps, then 3 timed steps; the table shows the median step. Other jobs may share
 the machine: the child measures the share of the cores other processes used during its timed
-steps, and when it is over 15 % times 3 more (up to 4 rounds, each after waiting up to 15 s for a
+steps, and when it is over 15 % times 3 more (up to 3 rounds, each after waiting up to 10 s for a
 quiet machine) and keeps the least disturbed round; the table shows that share. Peak RSS is the
 kernel's high-water mark of the process (VmHWM), reset after the model is built and prepared, so it
 is the memory of training (model + LoRA + optimizer state + activations), not of loading.
@@ -72,7 +72,7 @@ WARMUP, TIMED = 2, 3
 # Other jobs may share the machine: before each round of timed steps the child waits (up to WAIT s) until
 # other processes use under QUIET of the cores; a round they took more than QUIET of the cores during is
 # followed by another, up to ROUNDS in all, and the least disturbed round is kept.
-QUIET, ROUNDS, WAIT = 0.15, 4, 15
+QUIET, ROUNDS, WAIT = 0.15, 3, 10
 SEQ = 256
 
 
