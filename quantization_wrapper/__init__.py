@@ -179,8 +179,8 @@ __all__ += [
     "prepare_lora_config",
     "install_peft_integration",
     "load_lora_adapter",
-    "apply_fsdp",
     "save_lora_adapter",
+    "apply_fsdp",
     "fsdp_quantized_bytes",
     "FSDP_SUPPORT",
 ]

@@ -52,7 +52,6 @@ Why the rows are what they are:
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -370,52 +369,57 @@ def full_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return collect()
 
 
-def save_lora_adapter(model: nn.Module, path: str | os.PathLike, peft_model: nn.Module | None = None) -> None:
-    """Save the LoRA adapter of a (possibly FSDP-sharded) PEFT model like ``save_pretrained``.
+def save_lora_adapter(model: nn.Module, path: str | os.PathLike, peft_model: nn.Module | None = None, *,
+                      experts_layout: str = "fused", overwrite: bool = False) -> None:
+    """Save the LoRA adapters of a PEFT model over a quantized model, sharded by FSDP or not, where
+    plain peft reads them (``PeftModel.from_pretrained``).
 
     Under FSDP every rank must call it: the shards are gathered, rank 0 writes, all ranks wait.
+    LoRA on MoE experts that this package quantized per expert is written as peft's
+    ``target_parameters`` adapter of transformers' fused expert parameters (``experts_layout``; see
+    :func:`~quantization_wrapper.peft_integration.write_lora_adapter`).
 
     Args:
-        model: the model being trained (the FSDP1 wrapper, or the PEFT model sharded by FSDP2).
+        model: the model being trained (the FSDP1 wrapper, or the PEFT model sharded by FSDP2, or
+            a plain ``PeftModel``).
         path: the adapter directory.
         peft_model: the ``PeftModel`` inside an FSDP1 wrapper (default: ``model`` or ``model.module``).
+        experts_layout: ``"fused"`` (default: what transformers' float MoE model reads) or
+            ``"per_expert"`` (one LoRA per expert layer, as ``save_pretrained`` writes it).
+        overwrite: replace an adapter already in ``path`` (other files there are always kept).
     """
-    state = full_lora_state_dict(model)
+    from .peft_integration import write_lora_adapter
+
     fsdp1 = _is_fsdp1(model)
     peft_model = peft_model or (model.module if fsdp1 and hasattr(model, "module") else model)
     if not hasattr(peft_model, "save_pretrained") or not hasattr(peft_model, "peft_config"):
         raise ValueError(f"{type(peft_model).__name__} is not a PEFT model (no save_pretrained/peft_config)")
     distributed = dist.is_available() and dist.is_initialized()
+    adapters = None
+    if distributed or fsdp1:
+        state = full_lora_state_dict(model)  # collective
+        adapters = {name: _adapter_tensors(peft_model, state, name, fsdp1) for name in peft_model.peft_config}
     if not distributed or dist.get_rank() == 0:
-        if fsdp1:
-            _write_adapter(peft_model, state, Path(path))
-        else:
-            peft_model.save_pretrained(str(path), state_dict=state)
+        write_lora_adapter(peft_model, path, adapters, experts_layout=experts_layout, overwrite=overwrite)
     if distributed:
         dist.barrier()
 
 
-def _write_adapter(peft_model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as ``save_pretrained`` does.
+def _adapter_tensors(peft_model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                     fsdp1: bool) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under the keys ``save_pretrained`` writes.
 
     peft 0.21 picks the adapter's keys by walking the model's LoRA layers, and strips only a
     leading ``_fsdp_wrapped_module.``; under FSDP1 with one unit per decoder layer the names carry
-    it in the middle too, so it would select nothing and write an empty adapter.
+    it in the middle too, so it would select nothing: there the adapter name is taken out of the
+    gathered (cleaned) names directly.
     """
-    from peft.utils import SAFETENSORS_WEIGHTS_NAME
-    from safetensors.torch import save_file
+    if not fsdp1:
+        from peft.utils import get_peft_model_state_dict
 
-    for adapter_name, config in peft_model.peft_config.items():
-        marker = f".{adapter_name}."
-        tensors = {k.replace(marker, ".", 1): v.contiguous() for k, v in state.items() if marker in k}
-        if not tensors:
-            raise ValueError(f"no trainable parameters of adapter {adapter_name!r} to save")
-        folder = path if adapter_name == "default" else path / adapter_name
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(folder / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-        saved = copy.copy(config)
-        saved.inference_mode = True
-        saved.save_pretrained(str(folder))
+        return get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter_name)
+    marker = f".{adapter_name}."
+    return {k.replace(marker, ".", 1): v.contiguous() for k, v in state.items() if marker in k}
 
 
 def fsdp_quantized_bytes(model: nn.Module) -> dict[str, int]:

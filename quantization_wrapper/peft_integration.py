@@ -42,18 +42,24 @@ Without the block, :func:`prepare_lora_config` (on the config, before ``get_peft
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
+import os
+import re
 import sys
 import threading
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .config import QuantizationConfig, QuantizationMethod
+from .peft_experts import (experts_state_dict_to_fused, experts_state_dict_to_unfused, fused_experts_config,
+                           iter_unfused_experts, translate_target_parameters)
 from .registry import ADAPTER_REGISTRY, adapter_class_for_module, build_adapter, is_quantized_module
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,6 +76,8 @@ __all__ = [
     "uninstall_peft_integration",
     "is_peft_integration_installed",
     "load_lora_adapter",
+    "write_lora_adapter",
+    "load_expert_lora_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -243,7 +251,11 @@ def prepare_lora_config(lora_config: "LoraConfig", model: nn.Module) -> "LoraCon
     """Make ``lora_config`` work on quantized ``model`` (in place; returns it).
 
     * registers :func:`lora_custom_modules` for the layer types present in ``model``;
-    * ``target_modules="all-linear"`` becomes the set of names from :func:`all_linear_names`.
+    * ``target_modules="all-linear"`` becomes the set of names from :func:`all_linear_names`;
+    * ``target_parameters`` naming MoE expert parameters (``mlp.experts.gate_up_proj``) that the
+      model holds per expert (quantized) become those per-expert layers in ``target_modules``
+      (:func:`~quantization_wrapper.peft_experts.translate_target_parameters`): each expert gets its
+      own rank-``r`` LoRA, as peft's ``ParamWrapper`` gives it.
 
     Idempotent; other PEFT configs are returned unchanged.
     """
@@ -260,6 +272,7 @@ def prepare_lora_config(lora_config: "LoraConfig", model: nn.Module) -> "LoraCon
         if not names:
             raise ValueError("target_modules='all-linear' found no linear or quantized linear layer in the model")
         lora_config.target_modules = names
+    translate_target_parameters(lora_config, model)
     return lora_config
 
 
@@ -301,9 +314,50 @@ def _wrap(tu) -> bool:
         return original(peft_config, model)
 
     include_quantized_layers._quantization_wrapper = True
+    # peft's transformers-5 config conversion (MoE targets) resolves "all-linear" through its own
+    # reference to the function, taken when that module is first imported (so import it while
+    # peft's own is in place): point it here too, or the quantized layers that are not nn.Linear
+    # would be dropped depending on import order
+    conversion = _conversion_module()
     _saved["include"] = original
     tu._maybe_include_all_linear_layers = include_quantized_layers
+    if conversion is not None and getattr(conversion, "_maybe_include_all_linear_layers", None) is not None:
+        theirs = conversion._maybe_include_all_linear_layers
+        _saved["include_conversion"] = original if getattr(theirs, "_quantization_wrapper", False) else theirs
+        conversion._maybe_include_all_linear_layers = include_quantized_layers
+    _wrap_state_loader()
     return True
+
+
+def _conversion_module() -> Any:
+    """peft's ``transformers_weight_conversion`` module (transformers 5 only), or None."""
+    try:
+        import peft.utils.transformers_weight_conversion as conversion
+    except Exception:  # noqa: BLE001 - absent on transformers 4 or older peft
+        return None
+    return conversion
+
+
+def _wrap_state_loader() -> None:
+    """Route ``PeftModel.load_adapter``'s ``set_peft_model_state_dict`` through
+    :func:`load_expert_lora_state` for models whose experts are held per expert (peft would rename
+    their per-expert keys as transformers 4 keys, and cannot read the fused layout onto them)."""
+    import peft.peft_model as pm
+
+    original = getattr(pm, "set_peft_model_state_dict", None)
+    if original is None or getattr(original, "_quantization_wrapper", False):
+        return
+
+    @functools.wraps(original)
+    def load_with_experts(model, peft_model_state_dict, adapter_name="default", **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not any(True for _ in iter_unfused_experts(base)):
+            return original(model, peft_model_state_dict, adapter_name=adapter_name, **kwargs)
+        return load_expert_lora_state(model, peft_model_state_dict, adapter_name, loader=original, **kwargs)
+
+    load_with_experts._quantization_wrapper = True
+    _saved["load"] = original
+    pm.set_peft_model_state_dict = load_with_experts
 
 
 def _release() -> None:
@@ -313,6 +367,17 @@ def _release() -> None:
     import peft.tuners.tuners_utils as tu
 
     original = _saved.pop("include")
+    if "include_conversion" in _saved:
+        conversion = _conversion_module()
+        own = _saved.pop("include_conversion")
+        if conversion is not None and getattr(conversion._maybe_include_all_linear_layers, "_quantization_wrapper", False):
+            conversion._maybe_include_all_linear_layers = own
+    if "load" in _saved:
+        import peft.peft_model as pm
+
+        loader = _saved.pop("load")
+        if getattr(pm.set_peft_model_state_dict, "_quantization_wrapper", False):
+            pm.set_peft_model_state_dict = loader
     if getattr(tu._maybe_include_all_linear_layers, "_quantization_wrapper", False):
         tu._maybe_include_all_linear_layers = original
     else:  # someone replaced ours in the meantime: theirs stays, and may still call ours
@@ -396,9 +461,15 @@ def load_lora_adapter(model: nn.Module, path: str, *, adapter_name: str = "defau
     the loaded config (needed for MLX and quanto layers; works whether or not
     :func:`peft_integration` is active).
 
+    An adapter trained by peft on transformers' float MoE model with ``target_parameters``
+    (``mlp.experts.gate_up_proj``: peft's ``ParamWrapper`` layout) loads onto a model whose experts
+    this package quantized per expert: each expert's rank-``r`` slice becomes its layer's LoRA,
+    exactly (see :mod:`~quantization_wrapper.peft_experts`); ``save_lora_adapter``
+    (:func:`write_lora_adapter`) writes that layout back.
+
     Args:
         model: the quantized base model (e.g. from ``load_quantized_model``).
-        path: the directory written by ``PeftModel.save_pretrained``.
+        path: the directory written by ``PeftModel.save_pretrained`` (or ``save_lora_adapter``).
         adapter_name, is_trainable, **kwargs: passed to ``PeftModel.from_pretrained``.
     """
     from peft import PeftConfig, PeftModel
@@ -406,5 +477,108 @@ def load_lora_adapter(model: nn.Module, path: str, *, adapter_name: str = "defau
     config = PeftConfig.from_pretrained(path)
     config.inference_mode = not is_trainable
     prepare_lora_config(config, model)
-    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
-                                     config=config, **kwargs)
+    with peft_integration():  # peft's loader reads per-expert and fused expert adapters onto per-expert layers
+        return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                         config=config, **kwargs)
+
+
+def load_expert_lora_state(peft_model: "PeftModel", state: dict[str, torch.Tensor], adapter_name: str = "default",
+                           *, loader: Any = None, **kwargs: Any) -> Any:
+    """``set_peft_model_state_dict`` for a model whose MoE experts are held per expert: an adapter
+    state (peft's saved keys) in peft's fused ``ParamWrapper`` layout is rearranged per expert
+    (:func:`~quantization_wrapper.peft_experts.experts_state_dict_to_unfused`), the per-expert LoRA
+    weights are copied in directly, everything else goes through peft's loader (``loader``; default
+    ``peft.utils.set_peft_model_state_dict``, with ``kwargs``). Returns the loader's
+    ``(missing_keys, unexpected_keys)``, the expert weights included."""
+    if loader is None:
+        from peft.utils import set_peft_model_state_dict as loader
+
+    base = peft_model.get_base_model()
+    containers = {n for n, _, _ in iter_unfused_experts(base)}
+    state = experts_state_dict_to_unfused(state, base)
+    pattern = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
+    experts, rest = {}, {}
+    for key, value in state.items():
+        m = pattern.match(key)
+        module = m["module"].removeprefix("base_model.model.") if m else ""
+        parts = module.rsplit(".", 2)
+        if m and len(parts) == 3 and parts[0] in containers and parts[1].isdigit():
+            experts[f"{m['module']}.{m['kind']}.{adapter_name}.weight"] = value
+        else:
+            rest[key] = value
+    result = loader(peft_model, rest, adapter_name=adapter_name, **kwargs)
+    own = dict(peft_model.named_parameters())
+    unexpected = list(result.unexpected_keys) + [k for k in experts if k not in own]
+    missing = [k for k in result.missing_keys if k not in experts]
+    with torch.no_grad():
+        for key, value in experts.items():
+            target = own.get(key)
+            if target is None:
+                continue
+            if target.shape != value.shape:
+                raise ValueError(f"{key}: the adapter holds {tuple(value.shape)}, the model's LoRA layer "
+                                 f"{tuple(target.shape)} (another rank or another model?)")
+            target.copy_(value.to(target.dtype))
+    return type(result)(missing, unexpected) if isinstance(result, tuple) else result
+
+
+def write_lora_adapter(peft_model: "PeftModel", path: str | os.PathLike,
+                       adapters: dict[str, dict[str, torch.Tensor]] | None = None, *,
+                       experts_layout: str = "fused", overwrite: bool = False) -> Path:
+    """Write the LoRA adapters of ``peft_model`` as ``save_pretrained`` does (``adapter_config.json``
+    + ``adapter_model.safetensors``; adapters other than ``default`` in a folder of their name),
+    readable by plain peft for every MoE layout. Public as ``save_lora_adapter``, which gathers
+    the weights under FSDP first.
+
+    ``PeftModel.save_pretrained`` on a model whose MoE experts this package quantized writes one
+    LoRA per expert layer (``mlp.experts.3.gate_up_proj``), which transformers' float model, whose
+    experts are fused 3-D parameters, does not have. With ``experts_layout="fused"`` (the default)
+    those layers are written as peft's ``target_parameters`` adapter of the fused parameters
+    (``ParamWrapper`` keys, the same numbers rearranged), so that
+    ``PeftModel.from_pretrained(float_model, path)`` applies exactly the update trained here;
+    :func:`load_lora_adapter` reads both layouts back onto the quantized model. Models without
+    unfused experts are written as ``save_pretrained`` writes them.
+
+    Args:
+        peft_model: the ``PeftModel`` (LoRA) over a quantized model.
+        path: the adapter directory (created).
+        adapters: ``{adapter name: state dict with peft's saved keys}``; default: every adapter's
+            ``get_peft_model_state_dict``.
+        experts_layout: ``"fused"`` (peft's ``target_parameters``) or ``"per_expert"``.
+        overwrite: replace an adapter already in the folder; without it an existing
+            ``adapter_config.json`` or ``adapter_model.safetensors`` is an error (nothing is
+            written). Other files there are never touched.
+    """
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if experts_layout not in ("fused", "per_expert"):
+        raise ValueError(f"experts_layout={experts_layout!r}; allowed: 'fused' (peft's target_parameters layout, "
+                         "read by PeftModel.from_pretrained on transformers' float model) or 'per_expert'")
+    if adapters is None:
+        adapters = {name: get_peft_model_state_dict(peft_model, adapter_name=name) for name in peft_model.peft_config}
+    path = Path(path)
+    base = peft_model.get_base_model()
+    fused = experts_layout == "fused" and any(True for _ in iter_unfused_experts(base))
+    writes = []
+    for name, tensors in adapters.items():
+        if not tensors:
+            raise ValueError(f"no parameters of adapter {name!r} to save")
+        folder = path if name == "default" else path / name
+        existing = [f for f in ("adapter_config.json", SAFETENSORS_WEIGHTS_NAME) if (folder / f).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"{folder} already holds an adapter ({existing}); pass overwrite=True to replace "
+                                  "it (other files there are kept)")
+        config = copy.deepcopy(peft_model.peft_config[name])
+        if fused:
+            tensors = experts_state_dict_to_fused(tensors, base)
+            config = fused_experts_config(config, base)
+        config.inference_mode = True
+        writes.append((folder, tensors, config))
+    for folder, tensors, config in writes:  # every adapter converted and checked before the first write
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{SAFETENSORS_WEIGHTS_NAME}.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        config.save_pretrained(str(folder))
+        os.replace(tmp, folder / SAFETENSORS_WEIGHTS_NAME)  # peft reads it before any adapter_model.bin
+    return path

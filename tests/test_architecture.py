@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("checkpoints", ("quantization_wrapper.checkpoint", "quantization_wrapper.checkpoint.*",
                      "quantization_wrapper.serialization", "quantization_wrapper.loading",
                      "quantization_wrapper.native_formats", "quantization_wrapper.checkpoint_dir")),
-    ("integrations", ("quantization_wrapper.peft_integration", "quantization_wrapper.training",
+    ("integrations", ("quantization_wrapper.peft_integration", "quantization_wrapper.peft_experts", "quantization_wrapper.training",
                       "quantization_wrapper.fsdp", "quantization_wrapper.hf_quantizer")),
     ("backends", ("quantization_wrapper.adapters", "quantization_wrapper.adapters.*")),
     ("facade", ("quantization_wrapper", "quantization_wrapper.cli", "quantization_wrapper.demo",

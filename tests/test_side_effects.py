@@ -138,9 +138,18 @@ def test_plain_peft_works_and_the_wrapper_can_be_removed(method):
     _, model = _quantize(method)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     assert len([m for m in peft_model.modules() if hasattr(m, "lora_A")]) == N_LAYERS
+    import peft.peft_model
+    import peft.utils.transformers_weight_conversion as conversion
+
+    # the same wrapper answers peft's transformers-5 MoE config conversion, and adapter states load
+    # through ours (per-expert and fused expert layouts): all three go back on uninstall
+    assert getattr(conversion._maybe_include_all_linear_layers, "_quantization_wrapper", False)
+    assert getattr(peft.peft_model.set_peft_model_state_dict, "_quantization_wrapper", False)
     uninstall_peft_integration()
     assert not is_peft_integration_installed()
     assert peft.tuners.tuners_utils._maybe_include_all_linear_layers is ORIGINAL_RESOLVER
+    assert conversion._maybe_include_all_linear_layers is ORIGINAL_RESOLVER
+    assert peft.peft_model.set_peft_model_state_dict is peft.utils.save_and_load.set_peft_model_state_dict
     _, again = _quantize(method)  # the next model puts it back
     assert is_peft_integration_installed()
 
