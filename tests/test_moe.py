@@ -312,3 +312,42 @@ def test_mlx_lm_layout_needs_one_format_per_block_and_our_format_says_so(tmp_pat
     import json
 
     assert "quantization" not in json.loads((tmp_path / "ours" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["hqq", "bnb_nf4"])
+def test_each_active_expert_runs_its_quantized_matmul_once_on_its_own_tokens(method):
+    """The forward costs the library's matmul once per active expert, on the tokens routed to it:
+    no expert outside the router's top-k runs, none runs twice, none sees other tokens."""
+    model = mixtral()
+    quantize(model, method)
+    routed, calls = {}, {}
+
+    def record_routing(block_name):
+        def hook(module, args):
+            routed[block_name] = args[1].detach().clone()  # top_k_index [tokens, k]
+        return hook
+
+    def record_call(layer_name):
+        def hook(module, args):
+            calls.setdefault(layer_name, []).append(args[0].shape[0])
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, UnfusedExperts):
+            module.register_forward_pre_hook(record_routing(name))
+            for e in range(module.num_experts):
+                for proj in ("gate_up_proj", "down_proj"):
+                    module.get_submodule(f"{e}.{proj}").register_forward_pre_hook(record_call(f"{name}.{e}.{proj}"))
+    for tokens in (TOKENS, TOKENS[:1, :1]):  # 24 tokens; one token: 2 experts active of 8
+        routed.clear()
+        calls.clear()
+        with torch.no_grad():
+            model(tokens)
+        assert len(routed) == 2
+        for block, index in routed.items():
+            tokens_per_expert = torch.bincount(index.flatten(), minlength=8)
+            for e in range(8):
+                expected = [int(tokens_per_expert[e])] if tokens_per_expert[e] else []
+                assert calls.get(f"{block}.{e}.gate_up_proj", []) == expected
+                assert calls.get(f"{block}.{e}.down_proj", []) == expected
+    assert sum(len(v) for v in calls.values()) == 2 * 2 * 2  # the last input: 2 blocks x 2 experts x 2 matmuls
