@@ -41,7 +41,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 import torch
@@ -61,6 +61,7 @@ from .skeleton import BUILD_LOCK, build_empty_model, check_loaded_tensor
 __all__ = [
     "load_and_quantize",
     "release_freed_memory_to_os",
+    "reuse_layer_sized_blocks",
     "tensor_worker_pool",
     "default_workers",
 ]
@@ -96,6 +97,49 @@ def release_freed_memory_to_os() -> bool:
     """
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+#: glibc's largest dynamic mmap threshold on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``)
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+@functools.cache
+def _mallopt() -> Any:
+    if _malloc_trim() is None:
+        return None
+    return getattr(ctypes.CDLL("libc.so.6"), "mallopt", None)
+
+
+@contextlib.contextmanager
+def reuse_layer_sized_blocks() -> Iterator[None]:
+    """Within the block glibc keeps layer-sized temporaries in its heap for the next layer instead
+    of handing them back to the OS at every free (the streaming loader's own trims, every 256 MiB of
+    growth, still bound the memory).
+
+    glibc maps a request of at least its *dynamic* mmap threshold afresh (every page faults in,
+    zeroed), and ``free`` hands the top of the heap back once it exceeds twice that threshold. The
+    threshold starts at 128 KiB and rises with the largest mapped block freed, up to 32 MiB, where it
+    stays. HQQ's optimizer allocates ~400 MB of float32 temporaries per 3584x1024 expert and frees
+    them at the end of the layer: each layer then faults them in again. Measured on a 3-layer
+    Mixtral: 6.7-11.3M page faults and 16-21 s of system time in a 23-34 s load, against 0.8M and
+    2 s with these settings, peak RSS unchanged.
+
+    On exit glibc is left where its own heuristic goes after any free of a 32 MiB block (what
+    ``from_pretrained`` and most torch programs do on their way): mmap threshold 32 MiB, trim
+    threshold 64 MiB, fixed there as the heuristic would keep them. A no-op outside glibc.
+    """
+    mallopt = _mallopt()
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
+
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -665,7 +709,7 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
                                 architecture="the architecture described by config.json")
             deliver(assembly.tensor.expert_key(e), _Piece(tensor=assembly.tensor.expert_slice(value, 0)), pool)
 
-        with tensor_worker_pool(workers, "quantize") as pool:
+        with reuse_layer_sized_blocks(), tensor_worker_pool(workers, "quantize") as pool:
             for reader in files.readers:
                 for key in reader.keys():
                     bar.update(1)
