@@ -22,7 +22,8 @@ The shards are memory-mapped privately (:class:`~.safetensors_io.SafetensorsRead
 layer's pages are handed back as soon as the layer is quantized: a multi-GB checkpoint passes
 through a few MB of resident memory. The allocator policy lives here too: freed memory goes back
 to the OS (glibc ``malloc_trim``) only while streaming, whenever resident memory has grown by
-256 MiB; nothing else in the package trims or tunes the allocator. :func:`tensor_worker_pool` runs
+256 MiB, and glibc keeps layer-sized temporaries in its heap between layers
+(:func:`reuse_layer_sized_blocks`); nothing else in the package trims or tunes the allocator. :func:`tensor_worker_pool` runs
 layer-sized tensor work on worker threads (here and in the loader of our own checkpoints).
 """
 
