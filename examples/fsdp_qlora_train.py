@@ -183,7 +183,7 @@ def main() -> None:
                 logger.info("step %d/%d  loss %.4f", step + 1, args.steps, losses[-1])
         seconds = time.perf_counter() - start
 
-        save_lora_adapter(trained, out / "adapter", peft_model=peft_model)
+        save_lora_adapter(trained, out / "adapter", peft_model=peft_model, overwrite=True)  # a re-run replaces it
         if main_process:
             metrics = {"backend": bm.backend.value, "method": config.method.value, "world_size": world_size,
                        "fsdp": f"fsdp{args.fsdp_version}" if world_size > 1 else None, "losses": losses,
