@@ -236,3 +236,47 @@ def test_all_linear_reaches_every_quantized_expert(family):
     assert len(expert_deltas(peft_model)) == 2 * experts
     assert "model.layers.0.self_attn.o_proj" in {n.replace("base_model.model.", "") for n, m in
                                                    peft_model.named_modules() if hasattr(m, "lora_A")}
+
+
+def test_trl_sft_trainer_trains_quantized_experts_and_the_adapter_reaches_the_float_model(tmp_path):
+    """The world's path: TRL's SFTTrainer with peft's MoE config on a quantized Qwen3-MoE,
+    ``trainer.save_model``, then the adapter on a fresh quantized base (plain peft) and, rewritten by
+    ``save_lora_adapter``, on transformers' float model (plain peft)."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from tests.test_trainers import SENTENCES, word_tokenizer
+
+    tokenizer = word_tokenizer()
+    float_model = qwen3_moe()
+    model = copy.deepcopy(float_model)
+    adapter = quantize(model, "hqq")
+    model = adapter.prepare_model_for_training(model)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=8, learning_rate=2e-2, logging_steps=1,
+                     report_to=[], save_strategy="no", use_cpu=True, bf16=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": SENTENCES * 8}),
+                         processing_class=tokenizer,
+                         peft_config=lora(target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_PARAMS,
+                                          task_type="CAUSAL_LM"))
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0] - 0.5, losses
+    trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+    assert len(expert_deltas(trained)) == 2 * 8 * 2
+    trainer.save_model(str(tmp_path / "adapter"))  # peft's save_pretrained: one LoRA per expert layer
+    probe = TOKENS % len(tokenizer)
+    fresh = copy.deepcopy(float_model)
+    quantize(fresh, "hqq")
+    reloaded = PeftModel.from_pretrained(adapter.prepare_model_for_training(fresh), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(probe).logits, trained(probe).logits)
+    save_lora_adapter(reloaded, tmp_path / "fused")  # rewritten in peft's fused layout
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on_float = PeftModel.from_pretrained(copy.deepcopy(float_model), str(tmp_path / "fused"))
+    ours, theirs = expert_deltas(trained), fused_deltas(on_float)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        torch.testing.assert_close(theirs[key], ours[key].to(theirs[key].dtype), rtol=1e-6, atol=1e-7)

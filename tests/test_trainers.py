@@ -65,6 +65,10 @@ def _config(method: str) -> QuantizationConfig:
 # ---------------------------------------------------------------------- model, tokenizer, data
 @pytest.fixture(scope="module")
 def tokenizer():
+    return word_tokenizer()
+
+
+def word_tokenizer():
     """A word-level tokenizer over :data:`SENTENCES` (with pad/bos/eos/unk), built in code."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
