@@ -21,6 +21,13 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 
 def generated_llama(name: str = "llama-1.1b", shard: str = "500MB", **overrides) -> Path:
     """A Llama checkpoint with random weights (bf16 safetensors shards), built once and cached."""
+    return generated_checkpoint(name, "Llama", {**LLAMA_1B, **overrides}, shard)
+
+
+def generated_checkpoint(name: str, family: str, fields: dict, shard: str = "500MB", init_bf16: bool = False) -> Path:
+    """A ``<family>ForCausalLM`` checkpoint with random weights (bf16 safetensors shards as
+    ``save_pretrained`` writes them), built once in a child process and cached under ``name``.
+    ``init_bf16``: initialize in bfloat16 (half the memory) instead of float32 then cast."""
     out = CACHE / name
     if (out / "config.json").exists():
         return out
@@ -28,16 +35,24 @@ def generated_llama(name: str = "llama-1.1b", shard: str = "500MB", **overrides)
         # Generate in a child: Linux carries a process' peak RSS (ru_maxrss) over to the children it
         # starts, so building 1.1B parameters here would inflate every measurement that follows.
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import common; "
-                f"common.generated_llama({name!r}, {shard!r}, **{overrides!r})")
+                f"common.generated_checkpoint({name!r}, {family!r}, {fields!r}, {shard!r}, {init_bf16!r})")
         subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, QW_BENCH_GENERATING="1"))
         return out
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(0)
-    config = LlamaConfig(**{**LLAMA_1B, **overrides}, dtype="bfloat16")
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    config = getattr(transformers, f"{family}Config")(**fields, dtype="bfloat16")
+    cls = getattr(transformers, f"{family}ForCausalLM")
+    if init_bf16:
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = cls(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    else:
+        with torch.device("cpu"):
+            model = cls(config).to(torch.bfloat16)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp, max_shard_size=shard)
     tmp.rename(out)

@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, CHILD_PRELUDE, machine_line, run_child, write_section  # noqa: E402
+from common import CHILD_PRELUDE, generated_checkpoint, machine_line, run_child, write_section  # noqa: E402
 
 #: ~1.09B parameters: 22 layers of 8 experts (44M expert weights per layer), 32K vocabulary.
 MIXTRAL_1B = dict(hidden_size=1024, intermediate_size=1792, num_hidden_layers=22, num_attention_heads=16,
@@ -45,27 +43,7 @@ LIBRARY = {"bnb_nf4": "bitsandbytes", "quanto_int4": "optimum.quanto", "hqq": "h
 def generated_mixtral(name: str = "mixtral-1.1b", shard: str = "500MB") -> Path:
     """A Mixtral checkpoint with random weights (bf16 safetensors shards, experts stored per
     expert as save_pretrained writes them), built once in a child process and cached."""
-    out = CACHE / name
-    if (out / "config.json").exists():
-        return out
-    if not os.environ.get("QW_BENCH_GENERATING"):
-        # In a child: Linux carries a process' peak RSS over to the children it starts.
-        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import moe_streaming; "
-                f"moe_streaming.generated_mixtral({name!r}, {shard!r})")
-        subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, QW_BENCH_GENERATING="1"))
-        return out
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    config = MixtralConfig(**MIXTRAL_1B, dtype="bfloat16")
-    torch.set_default_dtype(torch.bfloat16)  # initialized in bf16: half the memory, and the saved dtype
-    model = MixtralForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp, max_shard_size=shard)
-    tmp.rename(out)
-    return out
+    return generated_checkpoint(name, "Mixtral", MIXTRAL_1B, shard, init_bf16=True)
 
 
 def warm(ckpt: Path) -> None:

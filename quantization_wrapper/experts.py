@@ -35,6 +35,7 @@ __all__ = [
     "iter_fused_experts",
     "unfuse_experts",
     "fuse_experts",
+    "fused_shell",
     "ExpertLayers",
     "UnfusedExperts",
     "unfuse_experts_for",
@@ -186,13 +187,7 @@ def fuse_experts(container: nn.Module) -> nn.Module:
     """
     if not isinstance(container, UnfusedExperts):
         raise ValueError(f"{type(container).__name__} is not an unfused experts container")
-    cls = container._fused_original
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for key, value in container.__dict__.items():
-        if key not in ("_parameters", "_buffers", "_modules", "_fused_original", "experts_transposed") \
-                and key not in new.__dict__:
-            new.__dict__[key] = value
+    new = fused_shell(container)
     experts = [container._modules[str(e)] for e in range(container.num_experts)]
     transposed = container.experts_transposed
     for key in _PROJECTIONS:
@@ -214,6 +209,19 @@ def fuse_experts(container: nn.Module) -> nn.Module:
         if not key.isdigit():
             new.add_module(key, value)
     new.train(container.training)
+    return new
+
+
+def fused_shell(container: UnfusedExperts) -> nn.Module:
+    """An instance of the fused original class of ``container`` with its attributes (activation,
+    gate layout, ``is_transposed``, ...) but no parameters, buffers or submodules yet."""
+    cls = container._fused_original
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for key, value in container.__dict__.items():
+        if key not in ("_parameters", "_buffers", "_modules", "_fused_original", "experts_transposed") \
+                and key not in new.__dict__:
+            new.__dict__[key] = value
     return new
 
 

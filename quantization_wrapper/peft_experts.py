@@ -30,12 +30,12 @@ import itertools
 import logging
 import re
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
-from .experts import UnfusedExperts
+from .experts import UnfusedExperts, fused_shell
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import LoraConfig
@@ -47,12 +47,17 @@ __all__ = [
     "fused_experts_config",
     "experts_state_dict_to_fused",
     "experts_state_dict_to_unfused",
+    "unfused_containers",
+    "expert_layer_key",
+    "lora_weight_key",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: peft's prefix of every key of a saved adapter
 _PREFIX = "base_model.model."
+#: a LoRA layer's weight key: its module and which of the two
+_LORA_WEIGHT = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 
 
 def iter_unfused_experts(model: nn.Module) -> Iterator[tuple[str, UnfusedExperts, tuple[str, ...]]]:
@@ -138,8 +143,21 @@ def translate_target_parameters(lora_config: "LoraConfig", model: nn.Module) -> 
 _REGEX_ORIGINALS: dict[str, str] = {}
 
 
-def _expert_layer_key(containers: dict[str, tuple[int, tuple[str, ...]]], module_name: str) -> tuple[str, int, str] | None:
-    """``(container, expert, projection)`` when ``module_name`` is a per-expert layer."""
+def lora_weight_key(key: str) -> tuple[str, str] | None:
+    """``(module, "lora_A" | "lora_B")`` of a LoRA weight's key (``...<module>.lora_A.weight``)."""
+    m = _LORA_WEIGHT.match(key)
+    return (m["module"], m["kind"]) if m else None
+
+
+def unfused_containers(model: nn.Module) -> dict[str, tuple[UnfusedExperts, tuple[str, ...]]]:
+    """``{name: (container, projections)}`` of :func:`iter_unfused_experts`."""
+    return {n: (c, p) for n, c, p in iter_unfused_experts(model)}
+
+
+def expert_layer_key(containers: dict[str, tuple[UnfusedExperts, tuple[str, ...]]],
+                     module_name: str) -> tuple[str, int, str] | None:
+    """``(container, expert, projection)`` when ``module_name`` names a per-expert layer of one of
+    ``containers`` (:func:`unfused_containers`), else None."""
     parts = module_name.rsplit(".", 2)
     if len(parts) == 3 and parts[1].isdigit() and parts[0] in containers and parts[2] in containers[parts[0]][1]:
         return parts[0], int(parts[1]), parts[2]
@@ -150,7 +168,7 @@ def fused_experts_config(lora_config: "LoraConfig", model: nn.Module) -> "LoraCo
     """A copy of ``lora_config`` for the adapter written in peft's fused layout: per-expert layers
     leave ``target_modules`` and their parameters join ``target_parameters``
     (``mlp.experts.gate_up_proj``)."""
-    containers = {n: (c.num_experts, p) for n, c, p in iter_unfused_experts(model)}
+    containers = unfused_containers(model)
     config = copy.deepcopy(lora_config)
     adapted = _adapted_expert_layers(model, containers)
     params = sorted({f"{expert_parameter_name(c)}.{p}" for c, _, p in adapted})
@@ -158,7 +176,7 @@ def fused_experts_config(lora_config: "LoraConfig", model: nn.Module) -> "LoraCo
     if isinstance(target, str):
         config.target_modules = _REGEX_ORIGINALS.get(target, target)
     elif target is not None:
-        rest = {t for t in target if _expert_layer_key(containers, t) is None}
+        rest = {t for t in target if expert_layer_key(containers, t) is None}
         config.target_modules = rest or None
     if params:
         config.target_parameters = sorted(set(config.target_parameters or []) | set(params))
@@ -181,7 +199,7 @@ def _adapted_expert_layers(model: nn.Module, containers: dict) -> set[tuple[str,
     found = set()
     for name, module in model.named_modules():
         if hasattr(module, "lora_A"):
-            key = _expert_layer_key(containers, _strip_base_layer(name))
+            key = expert_layer_key(containers, _strip_base_layer(name))
             if key is not None:
                 found.add(key)
     return found
@@ -194,13 +212,7 @@ def _wrapper_suffixes(container: UnfusedExperts, projections: list[str]) -> dict
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import ParamWrapper
 
-    cls = container._fused_original
-    probe = cls.__new__(cls)
-    nn.Module.__init__(probe)
-    for key, value in container.__dict__.items():
-        if key not in ("_parameters", "_buffers", "_modules", "_fused_original", "experts_transposed") \
-                and key not in probe.__dict__:
-            probe.__dict__[key] = value
+    probe = fused_shell(container)
     expert = container._modules["0"]
     for key, layer in expert._modules.items():
         out_f, in_f = layer.out_features, layer.in_features
@@ -226,26 +238,28 @@ def experts_state_dict_to_fused(state: dict[str, torch.Tensor], model: nn.Module
     """An adapter state dict (peft's saved keys, ``base_model.model.`` prefix, no adapter name) with
     per-expert LoRA layers rewritten as peft's ``ParamWrapper`` keys of the fused parameters.
     Experts without LoRA for an adapted projection get zeros (no update), exactly."""
-    containers = {n: (c, p) for n, c, p in iter_unfused_experts(model)}
+    containers = unfused_containers(model)
     per: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
     out: dict[str, torch.Tensor] = {}
-    shapes = {n: (c.num_experts, p) for n, (c, p) in containers.items()}
-    pattern = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
     for key, value in state.items():
-        m = pattern.match(key.removeprefix(_PREFIX))
-        hit = m and _expert_layer_key(shapes, m["module"])
+        lora = lora_weight_key(key.removeprefix(_PREFIX))
+        hit = lora and expert_layer_key(containers, lora[0])
         if not hit:
             module = key.removeprefix(_PREFIX).rsplit(".lora_", 1)[0]
-            if "lora_" in key and _expert_layer_key(shapes, module) is not None:
+            if "lora_" in key and expert_layer_key(containers, module) is not None:
                 raise ValueError(f"{key}: only lora_A / lora_B weights can be written in the fused experts layout")
             out[key] = value
             continue
         container, expert, proj = hit
-        per.setdefault((container, proj), {}).setdefault(expert, {})[m["kind"]] = value
-    for (container, proj), experts in per.items():
+        per.setdefault((container, proj), {}).setdefault(expert, {})[lora[1]] = value
+    suffix_of: dict[str, dict[str, str]] = {}  # container -> {projection: key suffix}, one probe each
+    for container in {c for c, _ in per}:
         module, projections = containers[container]
         targeted = sorted({p for (c, p) in per if c == container}, key=projections.index)
-        suffix = {p: s for s, p in _wrapper_suffixes(module, targeted).items()}[proj]
+        suffix_of[container] = {p: s for s, p in _wrapper_suffixes(module, targeted).items()}
+    for (container, proj), experts in per.items():
+        module = containers[container][0]
+        suffix = suffix_of[container][proj]
         any_a = next(iter(experts.values()))["lora_A"]
         any_b = next(iter(experts.values()))["lora_B"]
         r, E = any_a.shape[0], module.num_experts

@@ -47,7 +47,6 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 import sys
 import threading
 import warnings
@@ -57,9 +56,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import QuantizationConfig, QuantizationMethod
-from .peft_experts import (experts_state_dict_to_fused, experts_state_dict_to_unfused, fused_experts_config,
-                           iter_unfused_experts, translate_target_parameters)
+from .peft_experts import (expert_layer_key, experts_state_dict_to_fused, experts_state_dict_to_unfused,
+                           fused_experts_config, iter_unfused_experts, lora_weight_key, translate_target_parameters,
+                           unfused_containers)
 from .registry import ADAPTER_REGISTRY, adapter_class_for_module, build_adapter, is_quantized_module
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -494,16 +493,13 @@ def load_expert_lora_state(peft_model: "PeftModel", state: dict[str, torch.Tenso
         from peft.utils import set_peft_model_state_dict as loader
 
     base = peft_model.get_base_model()
-    containers = {n for n, _, _ in iter_unfused_experts(base)}
+    containers = unfused_containers(base)
     state = experts_state_dict_to_unfused(state, base)
-    pattern = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
     experts, rest = {}, {}
     for key, value in state.items():
-        m = pattern.match(key)
-        module = m["module"].removeprefix("base_model.model.") if m else ""
-        parts = module.rsplit(".", 2)
-        if m and len(parts) == 3 and parts[0] in containers and parts[1].isdigit():
-            experts[f"{m['module']}.{m['kind']}.{adapter_name}.weight"] = value
+        lora = lora_weight_key(key)
+        if lora and expert_layer_key(containers, lora[0].removeprefix("base_model.model.")):
+            experts[f"{lora[0]}.{lora[1]}.{adapter_name}.weight"] = value
         else:
             rest[key] = value
     result = loader(peft_model, rest, adapter_name=adapter_name, **kwargs)

@@ -657,22 +657,26 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
             if shared is not None:
                 piece.release()
 
+        def run_conversion(converter: Any, target: str, pieces: list, what: str) -> dict:
+            """Feed ``pieces`` (checkpoint key, pattern) to ``converter`` and run it into ``target``, as
+            from_pretrained does; the pieces' pages go back at once, also on failure."""
+            for key, pattern in pieces:
+                converter.add_tensor(target, key, pattern, functools.partial(reader_of[key].read, key, wanted(target)))
+            try:
+                return converter.convert(target, model=routed, config=getattr(model, "config", None))
+            except Exception as e:
+                raise ValueError(f"{checkpoint_dir}: transformers' conversion {converter!r} of {what} "
+                                 f"({pieces[0][0]!r}, ...) into {target!r} failed: {type(e).__name__}: {e}") from e
+            finally:
+                for key, _ in pieces:
+                    reader_of[key].release([key])
+
         def convert(target: str) -> None:
             """Run the conversion whose last checkpoint tensor has arrived, as from_pretrained runs it
             (its pieces in from_pretrained's order, each in the dtype of the target), and deliver what
             it produces; the pieces' pages go back at once."""
             converter, pieces = route.converters.pop(target), route.pieces.pop(target)
-            for key, pattern in pieces:
-                converter.add_tensor(target, key, pattern, functools.partial(reader_of[key].read, key, wanted(target)))
-            try:
-                produced = converter.convert(target, model=routed, config=getattr(model, "config", None))
-            except Exception as e:
-                raise ValueError(f"{checkpoint_dir}: transformers' conversion {converter!r} of {len(pieces)} "
-                                 f"checkpoint tensors ({pieces[0][0]!r}, ...) into {target!r} failed: "
-                                 f"{type(e).__name__}: {e}") from e
-            finally:
-                for key, _ in pieces:
-                    reader_of[key].release([key])
+            produced = run_conversion(converter, target, pieces, f"{len(pieces)} checkpoint tensors")
             for name, value in produced.items():
                 value = value[0] if isinstance(value, list) else value
                 if name not in expected:
@@ -689,17 +693,7 @@ def load_and_quantize(checkpoint_dir: str | os.PathLike, config: QuantizationCon
             ``e`` -- and deliver it to the expert's layer: the fused tensor never exists."""
             assembly = assemblies[target]
             converter, pieces = copy.deepcopy(assembly.converter), assembly.pieces[e]
-            for key, pattern in pieces:
-                converter.add_tensor(target, key, pattern, functools.partial(reader_of[key].read, key, wanted(target)))
-            try:
-                produced = converter.convert(target, model=routed, config=getattr(model, "config", None))
-            except Exception as err:
-                raise ValueError(f"{checkpoint_dir}: transformers' conversion {converter!r} of expert {e}'s "
-                                 f"checkpoint tensors ({pieces[0][0]!r}, ...) into {target!r} failed: "
-                                 f"{type(err).__name__}: {err}") from err
-            finally:
-                for key, _ in pieces:
-                    reader_of[key].release([key])
+            produced = run_conversion(converter, target, pieces, f"expert {e}'s checkpoint tensors")
             if set(produced) != {target}:
                 raise ValueError(f"{checkpoint_dir}: transformers' conversion {converter!r} of expert {e} produced "
                                  f"{sorted(produced)}, not {target!r}")
